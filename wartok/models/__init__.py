@@ -1,0 +1,23 @@
+"""Model leaves: vector quantizer, conv tokenizer, GPT prior and its sampler.
+
+`TOKENIZERS` maps a tokenizer config's `name` to its (config class, model class).
+"""
+from wartok.models.conv_tokenizer import (
+    PRESETS as CONV_TOKENIZER_PRESETS,
+    ConvTokenizer,
+    ConvTokenizerConfig,
+    TokenizerOutput,
+    conv_tokenizer_config,
+)
+from wartok.models.gpt import GPT, PRESETS as GPT_PRESETS, GPTConfig, KVCache, gpt_config
+from wartok.models.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer, code_histogram_stats
+from wartok.models.sample import filter_logits, generate
+
+TOKENIZERS = {"conv": (ConvTokenizerConfig, ConvTokenizer)}
+
+__all__ = [
+    "CONV_TOKENIZER_PRESETS", "ConvTokenizer", "ConvTokenizerConfig", "TokenizerOutput", "conv_tokenizer_config",
+    "GPT", "GPT_PRESETS", "GPTConfig", "KVCache", "gpt_config",
+    "QuantizerConfig", "QuantizerOutput", "VectorQuantizer", "code_histogram_stats",
+    "filter_logits", "generate", "TOKENIZERS",
+]
