@@ -1,0 +1,84 @@
+"""Stage D's measurements, identical for every method: held-out AR loss, PSNR, code usage, grids."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import save_image
+
+from wartok.models.sample import generate
+from wartok.runtime import autocast
+
+
+@torch.no_grad()
+def heldout_nll(prior: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                device: torch.device) -> float:
+    """Mean next-token negative log-likelihood over every held-out token, in nats/token (fp32)."""
+    prior.eval()
+    conditional = prior.config.num_classes > 0
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size].to(device)  # (B, T)
+        cond = labels[start:start + batch_size].to(device) if conditional else None
+        logits, _ = prior(batch, cond=cond)  # (B, T, K)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.flatten(), reduction="sum")
+        total += nll.item()
+        count += batch.numel()
+    return total / count
+
+
+def code_histogram_stats(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """codebook_usage: fraction of the K codes used; token_perplexity: exp(entropy) of the code histogram."""
+    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).double()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
+    return {"codebook_usage": (counts > 0).double().mean().item(), "token_perplexity": math.exp(entropy)}
+
+
+@torch.no_grad()
+def reconstruction_psnr(tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                        precision: str) -> float:
+    """Mean per-image PSNR (dB) of reconstructions, on images mapped from [-1, 1] to [0, 1]."""
+    tokenizer.eval()
+    psnrs = []
+    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images = images.to(device)
+        with autocast(device, precision):
+            recon = tokenizer(images).recon
+        mse = ((to_unit(recon.float()) - to_unit(images)) ** 2).flatten(1).mean(dim=1)  # (B,)
+        psnrs.append(10.0 * torch.log10(1.0 / mse.clamp_min(1e-10)))
+    return torch.cat(psnrs).mean().item()
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def save_reconstruction_grid(tokenizer: torch.nn.Module, dataset: Dataset, count: int, path: Path,
+                             device: torch.device) -> Path:
+    """Rows alternate originals and their reconstructions."""
+    tokenizer.eval()
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))]).to(device)
+    recon = tokenizer(images).recon.float()
+    pairs = torch.stack([images, recon], dim=1).flatten(0, 1)  # (2N, C, H, W), original then reconstruction
+    save_image(to_unit(pairs), path, nrow=16)
+    return path
+
+
+@torch.no_grad()
+def save_sample_grid(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int, path: Path,
+                     device: torch.device, temperature: float, top_k: int, top_p: float, seed: int) -> Path:
+    """Decoded samples of the evaluation prior (class-balanced labels when it is conditional)."""
+    prior.eval()
+    tokenizer.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    num_classes = prior.config.num_classes
+    cond = torch.arange(count, device=device) % num_classes if num_classes > 0 else None
+    tokens = generate(prior, count, cond=cond, temperature=temperature, top_k=top_k, top_p=top_p,
+                      generator=generator, device=device)  # (N, T)
+    save_image(to_unit(tokenizer.decode_indices(tokens).float()), path, nrow=8)
+    return path

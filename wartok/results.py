@@ -1,0 +1,140 @@
+"""One tidy, machine-readable result per run, and the per-step scalars beside it.
+
+`result.json` is the only file analysis reads. It is written atomically (temp file, fsync,
+rename) so a killed job never leaves a half-written result; its schema is `RESULT_SCHEMA`,
+checked by `validate_result`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUSES = ("completed", "failed")
+# Top-level keys and their JSON types; `metrics` maps a name to {"value", "n", ...}.
+RESULT_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "run_id": str,
+    "status": str,
+    "error": (str, type(None)),
+    "method": str,
+    "seed": int,
+    "git_commit": (str, type(None)),
+    "git_dirty": (bool, type(None)),
+    "started_utc": str,
+    "ended_utc": str,
+    "wall_seconds": float,
+    "versions": dict,
+    "config": dict,
+    "overrides": list,
+    "metrics": dict,
+    "artifacts": dict,
+}
+PACKAGES = ("wartok", "torch", "torchvision", "torch-fidelity", "hydra-core", "optuna", "numpy")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout holding this package; (None, None) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: one column per setting for the analysis table."""
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def metric(value: float, n: int, **extra: Any) -> dict[str, Any]:
+    """A metric entry: its value, the sample count behind it, and anything else that qualifies it."""
+    if not math.isfinite(value):
+        raise ValueError(f"refusing to record a non-finite metric value {value!r}")
+    return {"value": float(value), "n": int(n), **extra}
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    validate_result(result)
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+def validate_result(result: dict[str, Any]) -> None:
+    """Raise ValueError naming the first key that breaks the schema."""
+    for key, kind in RESULT_SCHEMA.items():
+        if key not in result:
+            raise ValueError(f"result is missing key {key!r}")
+        if not isinstance(result[key], kind):
+            raise ValueError(f"result[{key!r}] has type {type(result[key]).__name__}, expected {kind}")
+    if result["status"] not in STATUSES:
+        raise ValueError(f"result['status']={result['status']!r} is not one of {STATUSES}")
+    for name, entry in result["metrics"].items():
+        if not isinstance(entry, dict) or "value" not in entry or "n" not in entry:
+            raise ValueError(f"metric {name!r} must be a dict with 'value' and 'n'")
+        value = entry["value"]
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"metric {name!r} has a non-finite value {value!r}")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    result = json.loads(Path(path).read_text())
+    validate_result(result)
+    return result
+
+
+class ScalarLog:
+    """Appends one JSON line per logged step to scalars.jsonl (flushed, so a killed run keeps its curve)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a", buffering=1)
+
+    def log(self, stage: str, step: int, scalars: dict[str, float]) -> None:
+        self.handle.write(json.dumps({"stage": stage, "step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        self.handle.close()
