@@ -18,10 +18,10 @@ from wartok.data import DataConfig
 from wartok.models import TOKENIZERS, GPTConfig
 from wartok.models.conv_tokenizer import PRESETS as CONV_PRESETS, conv_tokenizer_config
 from wartok.models.gpt import PRESETS as GPT_PRESETS, gpt_config
-from wartok.tvc import TVCConfig
+from wartok.tracker import tracker_gpt_config
+from wartok.tvc import METHODS, PRIOR_KIND, TVCConfig
 from wartok.validate import ConfigError, check_choice, check_finite, check_int
 
-METHODS = ("two_stage",)  # "joint" and "wartok" arrive with the method stage
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 # Keys Hydra adds to the composed config that are not run settings.
@@ -75,6 +75,8 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    reuse_stages: bool = True  # take stages A and B from the content-addressed stage cache
+    cache_dir: Optional[str] = None  # the stage cache; None: $WARTOK_CACHE/stages or ~/.cache/wartok/stages
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: Any = None  # a tokenizer config, converted by its `name` (see TOKENIZERS)
     prior: Any = None  # a GPTConfig without vocab_size/block_size (the tokenizer sets them)
@@ -98,6 +100,9 @@ class RunConfig:
             check_int(f"{stage}.batch_size", getattr(self, stage).batch_size, 1)
         check_int("eval.num_grid_images", self.eval.num_grid_images, 1)
         check_finite("eval.sample_temperature", self.eval.sample_temperature, minimum=0.0, strict=True)
+        if PRIOR_KIND[self.method] != "none" and not self.tvc.prior.enabled:
+            raise ConfigError(f"tvc.prior.enabled=false is not allowed with method={self.method} "
+                              f"(its prior term is {PRIOR_KIND[self.method]}); for no prior term use method=two_stage")
 
 
 def validate_stage(name: str, stage: StageConfig) -> None:
@@ -140,6 +145,8 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
     tokenizer = load_tokenizer_config(tok_node)
     run = _strict(RunConfig, node, "")
     prior = load_prior_config(prior_node or {}, tokenizer)
+    if PRIOR_KIND[run.method] == "wgf":
+        tracker_gpt_config(run.tvc.prior.tracker, prior)  # the tracker must share the codebook's vocabulary
     return dataclasses.replace(run, tokenizer=tokenizer, prior=prior)
 
 

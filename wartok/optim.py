@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
 from wartok.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
-    # As in GPT-2/nanoGPT: decay weight matrices and embeddings, never biases or norm gains.
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device,
+                    extra_groups: Sequence[tuple[Iterable[torch.nn.Parameter], float]] = ()) -> torch.optim.AdamW:
+    """AdamW over `params` at cfg.lr, plus `extra_groups` of (params, lr) (the joint baseline's AR
+    prior trains at its own lr in the same step); the schedule scales every group alike."""
+    groups = []
+    for group_params, lr in [(params, cfg.lr), *extra_groups]:
+        group_params = [p for p in group_params if p.requires_grad]
+        # As in GPT-2/nanoGPT: decay weight matrices and embeddings, never biases or norm gains.
+        groups += [{"params": [p for p in group_params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in group_params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
     groups = [g for g in groups if g["params"]]
     # The fused kernel is the fast path on CUDA; the default (foreach) path is the right one on CPU.
     fused = device.type == "cuda"

@@ -7,6 +7,7 @@ so stage D's evaluation prior starts from the same weights for every method.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,15 @@ from typing import Any
 
 import torch
 
-from wartok.checkpoint import save_checkpoint
+from torch.utils.data import DataLoader
+
+from wartok.cache import StageCache, default_cache_dir, stage_key
+from wartok.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wartok.config import RunConfig
 from wartok.data import DataBundle, build_data
 from wartok.evaluate import (code_histogram_stats, heldout_nll, reconstruction_psnr, save_reconstruction_grid,
                              save_sample_grid)
+from wartok.method import build_prior_term
 from wartok.models import TOKENIZERS, GPT
 from wartok.results import ScalarLog, metric
 from wartok.runtime import configure_backends, maybe_compile, resolve_device, seed_everything
@@ -39,6 +44,7 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate what depends on the machine (device, data on disk); raises ConfigError, spends no compute."""
     device = resolve_device(cfg.device)
+    configure_backends(device)
     data = build_data(cfg.data, seed=cfg.seed, device_type=device.type)
     if data.image_size != cfg.tokenizer.image_size or data.channels != cfg.tokenizer.in_channels:
         raise ConfigError(
@@ -51,35 +57,110 @@ def stage_seed(cfg: RunConfig, stage: str) -> int:
     return cfg.seed * 100 + STAGE_SEED_OFFSET[stage]
 
 
-def run_pipeline(prep: Prepared, out_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Train and evaluate; returns (metrics, artifacts) with artifact paths relative to out_dir."""
+def run_pipeline(prep: Prepared, out_dir: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """Train and evaluate; returns (metrics, artifacts, stage provenance).
+
+    Artifact paths are relative to out_dir, except the shared stages' files, which live in the
+    stage cache (absolute paths). Provenance says which cache entries were built or reused.
+    """
     cfg, device, data = prep.cfg, prep.device, prep.data
-    configure_backends(device)
     log = ScalarLog(out_dir / "scalars.jsonl")
     ctx = StageContext(device=device, precision=cfg.precision, log=log)
-    artifacts: dict[str, str] = {}
     try:
-        tokenizer = stage_a(cfg, data, ctx)
-        artifacts["tokenizer_a"] = _save(out_dir, "tokenizer_a.pt", tokenizer, cfg)
-        target, target_nll = stage_b(cfg, data, tokenizer, ctx)
-        artifacts["target_prior"] = _save(out_dir, "target_prior.pt", target, cfg)
-        stage_c(cfg, data, tokenizer, ctx)
+        tokenizer, target, target_nll, artifacts, provenance = shared_stages(cfg, data, ctx, out_dir)
+        stage_c(cfg, data, tokenizer, target, ctx)
         artifacts["tokenizer"] = _save(out_dir, "tokenizer.pt", tokenizer, cfg)
         metrics, eval_prior = stage_d(cfg, data, tokenizer, ctx)
-        metrics["target_ar_loss_stage_a_tokens"] = metric(target_nll, n=metrics["ar_loss"]["n"])
+        metrics["target_ar_loss_stage_a_tokens"] = metric(target_nll, n=metrics["ar_loss"]["n"], unit="nats/token")
         artifacts["eval_prior"] = _save(out_dir, "eval_prior.pt", eval_prior, cfg)
         artifacts.update(save_grids(cfg, data, tokenizer, eval_prior, device, out_dir))
     finally:
         log.close()
     artifacts["scalars"] = "scalars.jsonl"
-    return metrics, artifacts
+    return metrics, artifacts, provenance
+
+
+def shared_stages(cfg: RunConfig, data: DataBundle, ctx: StageContext, out_dir: Path):
+    """Stages A and B: from the stage cache (built once per key, see wartok/cache.py) or, with
+    reuse_stages=false, trained inside this run. Either way the run's scalars.jsonl gets their curves."""
+    if not cfg.reuse_stages:
+        tokenizer = stage_a(cfg, data, ctx)
+        target, target_nll = stage_b(cfg, data, tokenizer, ctx)
+        artifacts = {"tokenizer_a": _save(out_dir, "tokenizer_a.pt", tokenizer, cfg),
+                     "target_prior": _save(out_dir, "target_prior.pt", target, cfg, heldout_nll=target_nll)}
+        return tokenizer, target, target_nll, artifacts, {}
+    cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    payload_a = stage_a_settings(cfg, ctx.device)
+    payload_b = {"stage_a": stage_key("a", payload_a), **stage_b_settings(cfg)}
+
+    def build_a(folder: Path) -> None:
+        with ScalarLog(folder / "scalars.jsonl") as log:
+            tokenizer = stage_a(cfg, data, dataclasses.replace(ctx, log=log))
+        save_checkpoint(folder / "tokenizer.pt", {"model": tokenizer.state_dict()})
+
+    def build_b(folder: Path) -> None:
+        with ScalarLog(folder / "scalars.jsonl") as log:
+            target, nll = stage_b(cfg, data, tokenizer, dataclasses.replace(ctx, log=log))
+        save_checkpoint(folder / "target_prior.pt", {"model": target.state_dict(), "heldout_nll": nll})
+
+    tokenizer, hit_a = cache.get_or_build(payload_b["stage_a"], payload_a, build_a,
+                                          lambda folder: _load_model(folder / "tokenizer.pt", new_tokenizer(cfg, ctx)))
+    (target, target_nll), hit_b = cache.get_or_build(stage_key("b", payload_b), payload_b, build_b,
+                                                     lambda folder: _load_prior(folder / "target_prior.pt", cfg, ctx))
+    for hit in (hit_a, hit_b):
+        ctx.log.extend(hit.folder / "scalars.jsonl")
+    artifacts = {"tokenizer_a": str(hit_a.folder / "tokenizer.pt"), "target_prior": str(hit_b.folder / "target_prior.pt")}
+    provenance = {name: {"key": hit.key, "reused": hit.reused, "folder": str(hit.folder)}
+                  for name, hit in (("a", hit_a), ("b", hit_b))}
+    return tokenizer, target, target_nll, artifacts, provenance
+
+
+def stage_a_settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Exactly what stage A's result depends on (not where the data lives, nor eval settings)."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("root", "download", "num_workers",
+                                                                             "eval_batch_size", "heldout_subset")}
+    return {"data": data, "tokenizer": dataclasses.asdict(cfg.tokenizer),
+            "likelihood": dataclasses.asdict(cfg.tvc.likelihood), "posterior": dataclasses.asdict(cfg.tvc.posterior),
+            "stage_a": dataclasses.asdict(cfg.stage_a), "seed": cfg.seed, "precision": cfg.precision,
+            "compile": cfg.compile, "device": device.type}
+
+
+def stage_b_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What stage B adds to stage A's settings (its held-out NLL also depends on the held-out subset)."""
+    return {"prior": dataclasses.asdict(cfg.prior), "stage_b": dataclasses.asdict(cfg.stage_b),
+            "heldout_subset": cfg.data.heldout_subset}
+
+
+def new_tokenizer(cfg: RunConfig, ctx: StageContext) -> torch.nn.Module:
+    _, tokenizer_cls = TOKENIZERS[cfg.tokenizer.name]
+    return tokenizer_cls(cfg.tokenizer).to(ctx.device)
+
+
+def _load_model(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    try:
+        model.load_state_dict(load_checkpoint(path, map_location=next(model.parameters()).device)["model"])
+    except RuntimeError as err:  # a state dict that does not fit this model
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def _load_prior(path: Path, cfg: RunConfig, ctx: StageContext) -> tuple[torch.nn.Module, float]:
+    state = load_checkpoint(path, map_location=ctx.device)
+    return _load_model(path, GPT(cfg.prior).to(ctx.device)), float(state["heldout_nll"])
+
+
+def reseed_loader(loader: DataLoader, seed: int) -> None:
+    """Make a stage's data order a function of the stage seed alone, whatever ran before it
+    (a cached stage A consumed no batches in this process; a fresh one did)."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed)
 
 
 def stage_a(cfg: RunConfig, data: DataBundle, ctx: StageContext) -> torch.nn.Module:
     """Tokenizer pretraining (likelihood + posterior), shared by every method."""
     seed_everything(stage_seed(cfg, "a"))
-    _, tokenizer_cls = TOKENIZERS[cfg.tokenizer.name]
-    tokenizer = tokenizer_cls(cfg.tokenizer).to(ctx.device)
+    reseed_loader(data.train_loader, stage_seed(cfg, "a"))
+    tokenizer = new_tokenizer(cfg, ctx)
     train_tokenizer("a", maybe_compile(tokenizer, cfg.compile), data.train_loader, cfg.stage_a, cfg.tvc, ctx)
     return tokenizer
 
@@ -93,11 +174,20 @@ def stage_b(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module,
     return prior, heldout_nll(prior, tokens, labels, cfg.data.eval_batch_size, ctx.device)
 
 
-def stage_c(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, ctx: StageContext) -> None:
-    """The method stage. two_stage: the tokenizer keeps its stage-A objective for the same budget."""
+def stage_c(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, target: torch.nn.Module,
+            ctx: StageContext) -> None:
+    """The method stage from stage A's tokenizer, the same budget for every method.
+
+    two_stage keeps the stage-A objective; joint adds the AR cross-entropy, wartok the WGF
+    signal (wartok/method.py), both around a copy of stage B's target, which stays untouched.
+    """
     seed_everything(stage_seed(cfg, "c"))
-    if cfg.stage_c.steps > 0:
-        train_tokenizer("c", maybe_compile(tokenizer, cfg.compile), data.train_loader, cfg.stage_c, cfg.tvc, ctx)
+    reseed_loader(data.train_loader, stage_seed(cfg, "c"))
+    if cfg.stage_c.steps == 0:
+        return
+    prior_term = build_prior_term(cfg.method, target, cfg.tvc.prior, seed=stage_seed(cfg, "c"))
+    train_tokenizer("c", maybe_compile(tokenizer, cfg.compile), data.train_loader, cfg.stage_c, cfg.tvc, ctx,
+                    prior_term=prior_term)
 
 
 def stage_d(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module,
@@ -140,6 +230,6 @@ def save_grids(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, pri
     return {"reconstructions": "reconstructions.png", "samples": "samples.png"}
 
 
-def _save(out_dir: Path, name: str, model: torch.nn.Module, cfg: RunConfig) -> str:
-    save_checkpoint(out_dir / "checkpoints" / name, {"model": model.state_dict(), "method": cfg.method})
+def _save(out_dir: Path, name: str, model: torch.nn.Module, cfg: RunConfig, **extra: Any) -> str:
+    save_checkpoint(out_dir / "checkpoints" / name, {"model": model.state_dict(), "method": cfg.method, **extra})
     return f"checkpoints/{name}"

@@ -136,5 +136,16 @@ class ScalarLog:
     def log(self, stage: str, step: int, scalars: dict[str, float]) -> None:
         self.handle.write(json.dumps({"stage": stage, "step": step, **scalars}) + "\n")
 
+    def extend(self, path: Path) -> None:
+        """Append the lines of another scalars file (a cached stage's curves) to this one."""
+        if path.is_file():
+            self.handle.write(path.read_text())
+
     def close(self) -> None:
         self.handle.close()
+
+    def __enter__(self) -> "ScalarLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -7,6 +7,7 @@ message, and the partial scalars and checkpoints stay beside the result.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import traceback
 import uuid
@@ -33,6 +34,7 @@ def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, An
         "error": None,
         "method": cfg.method,
         "seed": cfg.seed,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "git_commit": commit,
         "git_dirty": dirty,
         "started_utc": utc_now(),
@@ -42,10 +44,11 @@ def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, An
         "data_source": prep.data.source,
         "metrics": {},
         "artifacts": {},
+        "stage_cache": {},
     }
     start = time.perf_counter()
     try:
-        result["metrics"], result["artifacts"] = run_pipeline(prep, out_dir)
+        result["metrics"], result["artifacts"], result["stage_cache"] = run_pipeline(prep, out_dir)
         result["status"] = "completed"
     except Exception as err:  # recorded, then re-raised so launchers see the failure too
         result["error"] = f"{type(err).__name__}: {err}"

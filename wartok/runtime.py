@@ -21,7 +21,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls on GPUs (bf16-level accuracy is all the models need)."""
+    """TF32 matmuls on GPUs (bf16-level accuracy is all the models need). On CPUs, flush
+    denormals to zero: early in training the conv tokenizer's activations and gradients hit
+    denormal floats and a step ran 4x slower on this project's CPU (measured in stage A)."""
+    torch.set_flush_denormal(True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from wartok.config import StageConfig
-from wartok.loop import StageSummary, forever, run_stage
+from wartok.loop import StageSummary, StepFn, forever, run_stage
 from wartok.results import ScalarLog
 from wartok.runtime import autocast
 from wartok.tvc import TVCConfig, likelihood_terms, posterior_terms, weigh
@@ -22,22 +23,39 @@ class StageContext:
     log: ScalarLog
 
 
-def train_tokenizer(name: str, tokenizer: torch.nn.Module, loader: DataLoader, stage: StageConfig,
-                    tvc: TVCConfig, ctx: StageContext) -> StageSummary:
-    """Likelihood + posterior training (stage A; stage C of the two-stage baseline)."""
-    batches = forever(loader)
-    tokenizer.train()
+def tokenizer_step_fn(tokenizer: torch.nn.Module, batches: Iterator, tvc: TVCConfig, ctx: StageContext,
+                      prior_term: Optional[Any] = None) -> StepFn:
+    """step(step) -> (loss, raw scalars) of one tokenizer batch: likelihood + posterior terms, plus
+    the prior term of joint or wartok (`prior_term`, see wartok/method.py), weighed by tvc.weigh."""
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images, _ = next(batches)
+        images, labels = next(batches)
         images = images.to(ctx.device, non_blocking=True)  # (B, C, H, W)
+        labels = torch.as_tensor(labels).to(ctx.device, non_blocking=True)  # (B,)
         with autocast(ctx.device, ctx.precision):
             out = tokenizer(images)
-        terms = {**likelihood_terms(images, out.recon), **posterior_terms(out.quant)}
-        loss = weigh(terms, tvc)
-        return loss, {**terms, "loss": loss, "usage": out.quant.usage, "perplexity": out.quant.perplexity}
+            terms = {**likelihood_terms(images, out.recon), **posterior_terms(out.quant)}
+            if prior_term is not None:
+                terms.update(prior_term.terms(tokenizer, out, labels, step))
+        prior_weight = tvc.prior.weight_at(step)
+        loss = weigh(terms, tvc, prior_weight)
+        scalars = {**terms, "loss": loss, "usage": out.quant.usage, "perplexity": out.quant.perplexity}
+        if prior_term is not None:
+            scalars["prior_weight"] = loss.new_tensor(prior_weight)
+        return loss, scalars
 
-    return run_stage(name, tokenizer.parameters(), stage, step_fn, ctx.log, ctx.device)
+    return step_fn
+
+
+def train_tokenizer(name: str, tokenizer: torch.nn.Module, loader: DataLoader, stage: StageConfig,
+                    tvc: TVCConfig, ctx: StageContext, prior_term: Optional[Any] = None) -> StageSummary:
+    """Likelihood + posterior training (stage A, and stage C of two_stage), plus the prior term of
+    joint or wartok in stage C."""
+    tokenizer.train()
+    step_fn = tokenizer_step_fn(tokenizer, forever(loader), tvc, ctx, prior_term)
+    groups = [] if prior_term is None else prior_term.param_groups()
+    after = None if prior_term is None else prior_term.after_step
+    return run_stage(name, tokenizer.parameters(), stage, step_fn, ctx.log, ctx.device, groups, after)
 
 
 def train_prior(name: str, prior: torch.nn.Module, loader: DataLoader, stage: StageConfig,

@@ -19,7 +19,8 @@ def token_contrast(tracker_logits: torch.Tensor, target_logits: torch.Tensor) ->
     if tracker_logits.shape != target_logits.shape:
         raise ValueError(f"tracker logits {tuple(tracker_logits.shape)} and target logits "
                          f"{tuple(target_logits.shape)} must have the same shape")
-    return F.log_softmax(tracker_logits.float(), dim=-1) - F.log_softmax(target_logits.float(), dim=-1)
+    return (F.log_softmax(_at_least_fp32(tracker_logits), dim=-1)
+            - F.log_softmax(_at_least_fp32(target_logits), dim=-1))
 
 
 def shape_contrast(delta: torch.Tensor, pi: torch.Tensor, center: bool, clip: float) -> torch.Tensor:
@@ -42,8 +43,13 @@ def prior_matching_loss(assign_logits: torch.Tensor, delta: torch.Tensor) -> tor
     assign_logits: (B, T, K) a_t(k), differentiable w.r.t. the tokenizer; delta: (B, T, K).
     The gradient w.r.t. a_t(k) is pi_t(k) * (delta_t(k) - E_{pi_t}[delta_t]) / (B * T).
     """
-    pi = assign_logits.float().softmax(dim=-1)  # (B, T, K)
+    pi = _at_least_fp32(assign_logits).softmax(dim=-1)  # (B, T, K)
     return (pi * delta.detach()).sum(dim=-1).mean()
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """float32 under bf16 autocast; float64 stays float64 (exact checks in the tests)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def nearest_code_gap(sq_dist: torch.Tensor) -> torch.Tensor:

@@ -214,16 +214,28 @@ class GPT(nn.Module):
             x = block(x, rope, cache, start)
         return self.lm_head(self.ln_f(x))  # (B, T, K)
 
-    def _inputs(self, prefix: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """[sos(cond), emb(prefix)] -> (B, 1 + prefix length, C)."""
+    def _inputs(self, prefix: torch.Tensor, cond: Optional[torch.Tensor],
+                prefix_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[sos(cond), emb(prefix)] -> (B, 1 + prefix length, C); prefix_weights (B, t, K), when
+        given, replace the lookup by weights @ embedding table (soft or straight-through inputs)."""
         sos = self.cls_emb(self._labels(cond, prefix.shape[0], prefix.device))[:, None]  # (B, 1, C)
-        return torch.cat([sos, self.tok_emb(prefix)], dim=1)
+        if prefix_weights is None:
+            emb = self.tok_emb(prefix)  # (B, t, C)
+        else:
+            emb = prefix_weights.to(self.tok_emb.weight.dtype) @ self.tok_emb.weight  # (B, t, K) @ (K, C)
+        return torch.cat([sos, emb], dim=1)
 
     def forward(self, idx: torch.Tensor, cond: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                targets: Optional[torch.Tensor] = None,
+                token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx (B, T') tokens -> logits (B, T', K) of p(h_t | h_<t, cond) for every t, and the
-        mean next-token cross-entropy in nats against targets (B, T') (-1 = ignore) if given."""
-        logits = self._trunk(self._inputs(idx[:, :-1], cond), 0, None)  # (B, T', K)
+        mean next-token cross-entropy in nats against targets (B, T') (-1 = ignore) if given.
+
+        token_weights (B, T', K), optional: input embeddings as weights over the vocabulary in
+        place of idx's one-hot rows, so a gradient reaches whoever produced them (the joint
+        baseline feeds straight-through one-hots or soft assignments of its tokenizer)."""
+        weights = None if token_weights is None else token_weights[:, :-1]
+        logits = self._trunk(self._inputs(idx[:, :-1], cond, weights), 0, None)  # (B, T', K)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)

@@ -124,6 +124,18 @@ class VectorQuantizer(nn.Module):
             sim = -(zf.pow(2).sum(-1, keepdim=True) - 2.0 * (zf @ c.t()) + c.pow(2).sum(-1))
         return sim / self.config.tau
 
+    def similarity(self, z: torch.Tensor, detach_codebook: bool = False) -> torch.Tensor:
+        """z (B, T, d) -> (B, T, K) float32 a_t(k) * tau: minus the squared L2 distance, or the
+        cosine similarity. The prior terms form their own pi from it (their own temperature);
+        detach_codebook keeps their gradient off the codebook."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf, c = z.float(), self.codebook.float()
+            if self.config.distance == "cosine":
+                zf = F.normalize(zf, dim=-1)
+            if detach_codebook:
+                c = c.detach()
+            return self.assignment_logits(zf, c) * self.config.tau
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """z: (B, T, d) encoder output -> QuantizerOutput (see its fields)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
