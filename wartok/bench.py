@@ -2,12 +2,16 @@
 
 Every row is measured side by side in this one process, on the same inputs, after warm-up,
 and reported as the median of repeated timings, so two commits (or two machines) compare by
-their JSON files. Rows: tokenizer train step, prior train step, sampling with and without the
-KV cache. Peak memory is the CUDA allocator's peak on GPUs and the process's peak RSS on CPUs.
+their JSON files. Rows: the stage-C tokenizer step of each method (two_stage, joint, wartok at
+refresh_every 1, 4, 16, and with a sub-batch for its AR passes) with its ratio to two_stage,
+wartok's extra cost split into the two AR forward passes and one tracker refresh, the prior
+train step, and sampling with and without the KV cache. Peak memory is the CUDA allocator's peak on GPUs and the process's peak RSS on CPUs.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import platform
 import resource
@@ -15,15 +19,18 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from wartok.config import OptimConfig
 from wartok.models import GPT, ConvTokenizer, conv_tokenizer_config, generate, gpt_config
 from wartok.optim import build_optimizer
+from wartok.method import build_prior_term
 from wartok.runtime import autocast, configure_backends, resolve_device
-from wartok.tvc import TVCConfig, likelihood_terms, posterior_terms, weigh
+from wartok.stages import StageContext, tokenizer_step_fn
+from wartok.tvc import TVCConfig
+from wartok.wgf import teacher_forced_logits
 
 
 @dataclass
@@ -33,6 +40,7 @@ class Row:
     median_s: float     # median seconds per call
     rate: float         # units per second
     peak_mem_mb: float
+    ratio: Optional[float] = None  # median time / the two_stage tokenizer step's (method rows)
 
 
 def _sync(device: torch.device) -> None:
@@ -65,20 +73,62 @@ def measure(name: str, unit: str, per_call: float, fn: Callable[[], None], devic
     return Row(name, unit, median, per_call / median, _peak_mem_mb(device))
 
 
-def tokenizer_step(size: str, batch: int, device: torch.device, precision: str) -> Callable[[], None]:
-    tokenizer = ConvTokenizer(conv_tokenizer_config(size)).to(device).train()
-    optimizer = build_optimizer(tokenizer.parameters(), OptimConfig(), device)
-    tvc = TVCConfig()
+def synthetic_batches(batch: int, device: torch.device, num_classes: int = 10) -> Iterator:
+    """One fixed batch of images in [-1, 1] with labels, forever (timings, not numbers)."""
     images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    labels = torch.arange(batch, device=device) % num_classes
+    while True:
+        yield images, labels
+
+
+def tokenizer_setup(size: str, prior_size: str, device: torch.device) -> tuple[ConvTokenizer, GPT]:
+    tokenizer = ConvTokenizer(conv_tokenizer_config(size)).to(device).train()
+    target = GPT(gpt_config(prior_size, tokenizer.codebook_size, tokenizer.num_tokens)).to(device)
+    return tokenizer, target
+
+
+def method_step(method: str, tokenizer: ConvTokenizer, target: GPT, batch: int, device: torch.device,
+                precision: str, refresh_every: int = 1, sub_batch: int = 0) -> Callable[[], None]:
+    """One full stage-C step of `method` (forward, backward, optimizer, AR upkeep), as the
+    pipeline runs it: the same step function and the same prior-term objects."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tvc = TVCConfig()
+    prior_cfg = dataclasses.replace(tvc.prior, sub_batch=sub_batch,
+                                    tracker=dataclasses.replace(tvc.prior.tracker, refresh_every=refresh_every))
+    tvc = dataclasses.replace(tvc, prior=prior_cfg)
+    term = build_prior_term(method, target, prior_cfg, seed=0)
+    ctx = StageContext(device=device, precision=precision, log=None)
+    step_fn = tokenizer_step_fn(tokenizer, synthetic_batches(batch, device), tvc, ctx, term)
+    groups = [] if term is None else term.param_groups()
+    optimizer = build_optimizer(tokenizer.parameters(), OptimConfig(), device, groups)
+    counter = [0]
 
     def step() -> None:
-        with autocast(device, precision):
-            out = tokenizer(images)
-        loss = weigh({**likelihood_terms(images, out.recon), **posterior_terms(out.quant)}, tvc)
+        loss, _ = step_fn(counter[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if term is not None:
+            term.after_step(counter[0])
+        counter[0] += 1
     return step
+
+
+def wgf_parts(tokenizer: ConvTokenizer, target: GPT, batch: int, device: torch.device,
+              precision: str) -> dict[str, Callable[[], None]]:
+    """wartok's extra cost, part by part: the two teacher-forced AR passes, one tracker refresh."""
+    term = build_prior_term("wartok", target, TVCConfig().prior, seed=0)
+    tokens = torch.randint(tokenizer.codebook_size, (batch, tokenizer.num_tokens), device=device)
+
+    def forwards() -> None:
+        with autocast(device, precision):
+            teacher_forced_logits(term.models.tracker, tokens)
+            teacher_forced_logits(term.models.target, tokens)
+
+    def refresh() -> None:
+        term._last = (tokens, None)
+        term.after_step(0)  # refresh_every=1: one refresh of refresh_steps=1
+    return {"wartok: the two AR forward passes": forwards, "wartok: one tracker refresh": refresh}
 
 
 def prior_step(size: str, vocab: int, length: int, batch: int, device: torch.device,
@@ -101,6 +151,31 @@ def sampler(size: str, vocab: int, length: int, num: int, device: torch.device, 
     return lambda: generate(prior, num, use_kv_cache=kv, generator=None, device=device)
 
 
+def method_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Tokenizer step time per method, side by side; ratios to two_stage are filled in later."""
+    tokenizer, target = tokenizer_setup(args.tokenizer, args.prior, device)
+    w, r, B = args.warmup, args.repeats, args.batch
+    tag = f"({args.tokenizer} tok, gpt_{args.prior}, B={B})"
+    rows = [measure(f"stage C step two_stage {tag}", "steps/s", 1,
+                    method_step("two_stage", tokenizer, target, B, device, args.precision), device, w, r),
+            measure(f"stage C step joint {tag}", "steps/s", 1,
+                    method_step("joint", tokenizer, target, B, device, args.precision), device, w, r)]
+    for every in (1, 4, 16):
+        rows.append(measure(f"stage C step wartok refresh_every={every} {tag}", "steps/s", 1,
+                            method_step("wartok", tokenizer, target, B, device, args.precision, every),
+                            device, w, max(r, every)))
+    if args.sub_batch:
+        rows.append(measure(f"stage C step wartok sub_batch={args.sub_batch} {tag}", "steps/s", 1,
+                            method_step("wartok", tokenizer, target, B, device, args.precision, 1, args.sub_batch),
+                            device, w, r))
+    for name, fn in wgf_parts(tokenizer, target, B, device, args.precision).items():
+        rows.append(measure(f"{name} {tag}", "calls/s", 1, fn, device, w, r))
+    base = rows[0].median_s
+    for row in rows:
+        row.ratio = row.median_s / base
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     device = resolve_device(args.device)
     configure_backends(device)
@@ -108,12 +183,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     tok_cfg = conv_tokenizer_config(args.tokenizer)
     vocab, length = tok_cfg.quantizer.codebook_size, (tok_cfg.image_size // tok_cfg.downsample) ** 2
     w, r = args.warmup, args.repeats
-    rows = [
-        measure(f"tokenizer train step ({args.tokenizer}, B={args.batch})", "steps/s", 1,
-                tokenizer_step(args.tokenizer, args.batch, device, args.precision), device, w, r),
-        measure(f"prior train step (gpt_{args.prior}, B={args.prior_batch}, T={length})", "steps/s", 1,
-                prior_step(args.prior, vocab, length, args.prior_batch, device, args.precision), device, w, r),
-    ]
+    rows = method_rows(args, device)
+    rows.append(measure(f"prior train step (gpt_{args.prior}, B={args.prior_batch}, T={length})", "steps/s", 1,
+                        prior_step(args.prior, vocab, length, args.prior_batch, device, args.precision), device, w, r))
     for kv in (True, False):
         label = "with" if kv else "without"
         rows.append(measure(f"sampling {label} KV cache (gpt_{args.prior}, N={args.samples}, T={length})",
@@ -124,10 +196,13 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'benchmark':<58} {'median ms':>10} {'rate':>12} {'unit':<9} {'peak MB':>8}"
+    header = (f"{'benchmark':<66} {'median ms':>10} {'x two_stage':>11} {'rate':>10} {'unit':<9} "
+              f"{'peak MB':>8}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row.name:<58} {row.median_s * 1e3:>10.1f} {row.rate:>12.1f} {row.unit:<9} {row.peak_mem_mb:>8.0f}")
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
+        lines.append(f"{row.name:<66} {row.median_s * 1e3:>10.1f} {ratio:>11} {row.rate:>10.1f} {row.unit:<9} "
+                     f"{row.peak_mem_mb:>8.0f}")
     return "\n".join(lines)
 
 
@@ -143,6 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prior", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--batch", type=int, default=64, help="tokenizer batch size")
     parser.add_argument("--prior-batch", type=int, default=128)
+    parser.add_argument("--sub-batch", type=int, default=16, help="also time wartok with its AR passes on N images (0: skip)")
     parser.add_argument("--samples", type=int, default=16, help="sequences sampled per call")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
