@@ -309,17 +309,31 @@ def max_abs_diff_vs_torchscript(weights_path: str | os.PathLike, ts: torch.jit.S
 
 
 class force_weights_only_load:
-    """Context: every torch.load inside (e.g. torch-fidelity's, which passes weights_only=False) is safe."""
+    """Context: every torch.load inside (e.g. torch-fidelity's, which passes weights_only=False) is safe.
+
+    torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call and it overrides an explicit
+    weights_only=False; TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is lifted meanwhile, since with both set
+    torch.load raises instead of loading safely.
+    """
+
+    _VARS = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": None}
 
     def __enter__(self):
-        self._old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        self._old = {k: os.environ.get(k) for k in self._VARS}
+        for k, v in self._VARS.items():
+            self._set(k, v)
+        return self
 
     def __exit__(self, *exc):
-        if self._old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        for k, v in self._old.items():
+            self._set(k, v)
+
+    @staticmethod
+    def _set(key: str, value: Optional[str]) -> None:
+        if value is None:
+            os.environ.pop(key, None)
         else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = self._old
+            os.environ[key] = value
 
 
 def build_weights(out: Optional[Path] = None, *, force: bool = False, verbose: bool = True) -> tuple[str, str, Optional[float]]:
