@@ -15,7 +15,7 @@ from wartok.sweep import PROJECT_ROOT
 
 # the smoke experiment, shrunk further: these tests are about the cache, not the numbers
 SMOKE = ["experiment=smoke", "device=cpu", "stage_a.steps=4", "stage_b.steps=2", "stage_c.steps=2", "stage_d.steps=2",
-         "data.train_subset=128", "data.heldout_subset=64", "eval.num_grid_images=4"]
+         "data.train_subset=128", "data.heldout_subset=64", "eval.num_grid_images=4", "metrics.enabled=false"]
 
 
 def start_run(out: Path, cache: Path, *overrides: str) -> subprocess.Popen:

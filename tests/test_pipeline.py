@@ -45,6 +45,17 @@ def test_smoke_writes_a_schema_valid_result(smoke_run: tuple[Path, subprocess.Co
     assert 0 < metrics["codebook_usage"]["value"] <= 1
     assert 1 <= metrics["token_perplexity"]["value"] <= 32
     assert 5 < metrics["psnr"]["value"] < 60
+    for name, n in (("rfid", 64), ("rkid", 64), ("gfid", 64), ("gkid", 64)):
+        entry = metrics[name]
+        assert math.isfinite(entry["value"]) and entry["value"] > 0 and entry["n"] == n, name
+        assert entry["extractor"] == "inception-v3-compat", name
+        assert len(entry["weights_sha256"]) == 64 and entry["torch_fidelity"] == "0.4.0", name
+    # FID under 2048 images is biased high and flagged; KID is unbiased, flagged only when its subset was clamped
+    assert metrics["rfid"]["reliable"] is False and metrics["gfid"]["reliable"] is False
+    assert metrics["rkid"]["reliable"] is True and metrics["rkid"]["subset_size"] == 32
+    assert metrics["gfid"]["n_reference"] == 128 and metrics["rfid"]["n_reference"] == 64
+    assert metrics["is"]["value"] is None and "logits" in metrics["is"]["reason"]  # the offline weights have none
+    assert "(unreliable: n < 2048)" in proc.stdout
     for path in result["artifacts"].values():
         assert (out / path).is_file(), path
     assert "ar_loss" in proc.stdout and "result:" in proc.stdout

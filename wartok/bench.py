@@ -37,7 +37,7 @@ from wartok.wgf import teacher_forced_logits
 class Row:
     name: str
     unit: str           # what `rate` counts per second
-    median_s: float     # median seconds per call
+    median_s: float     # median seconds per call (per image for the Inception row)
     rate: float         # units per second
     peak_mem_mb: float
     ratio: Optional[float] = None  # median time / the two_stage tokenizer step's (method rows)
@@ -192,7 +192,18 @@ def run(args: argparse.Namespace) -> list[Row]:
                             "tokens/s", args.samples * length,
                             sampler(args.prior, vocab, length, args.samples, device, kv), device,
                             max(1, w // 2), max(1, r // 2)))
+    if args.fid_images:
+        rows.append(fid_row(args.fid_images, device))
     return rows
+
+
+def fid_row(images: int, device: torch.device) -> Row:
+    """Inception feature extraction (the FID/KID features) on `images` 32x32 images, batched."""
+    from wartok.metrics import extraction_rate
+
+    rate = extraction_rate(device, n=images, batch_size=min(images, 64))
+    return Row(f"Inception feature extraction (inception-v3-compat, N={images})", "images/s", 1.0 / rate, rate,
+               _peak_mem_mb(device))
 
 
 def format_table(rows: list[Row]) -> str:
@@ -219,6 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="tokenizer batch size")
     parser.add_argument("--prior-batch", type=int, default=128)
     parser.add_argument("--sub-batch", type=int, default=16, help="also time wartok with its AR passes on N images (0: skip)")
+    parser.add_argument("--fid-images", type=int, default=128, help="images for the Inception row (0: skip)")
     parser.add_argument("--samples", type=int, default=16, help="sequences sampled per call")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])

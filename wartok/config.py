@@ -14,10 +14,13 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wartok.checkpoint import CheckpointConfig
 from wartok.data import DataConfig
+from wartok.metrics import MetricsConfig
 from wartok.models import TOKENIZERS, GPTConfig
 from wartok.models.conv_tokenizer import PRESETS as CONV_PRESETS, conv_tokenizer_config
 from wartok.models.gpt import PRESETS as GPT_PRESETS, gpt_config
+from wartok.models.vit1d import PRESETS as VIT1D_PRESETS, vit1d_tokenizer_config
 from wartok.tracker import tracker_gpt_config
 from wartok.tvc import METHODS, PRIOR_KIND, TVCConfig
 from wartok.validate import ConfigError, check_choice, check_finite, check_int
@@ -86,6 +89,8 @@ class RunConfig:
     stage_c: StageConfig = field(default_factory=lambda: StageConfig(steps=0))
     stage_d: PriorStageConfig = field(default_factory=PriorStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tags: List[str] = field(default_factory=list)
     notes: Optional[str] = None
 
@@ -174,11 +179,11 @@ def num_tokens(tokenizer_cfg: Any) -> int:
 
 
 def tokenizer_options() -> list[str]:
-    return [f"conv_{size}" for size in CONV_PRESETS]
+    return [f"conv_{size}" for size in CONV_PRESETS] + [f"vit1d_{size}" for size in VIT1D_PRESETS]
 
 
 def register_configs() -> None:
-    """Make the Python size registries Hydra options: `tokenizer=conv_small`, `prior=gpt_base`.
+    """Make the Python size registries Hydra options: `tokenizer=conv_small`, `tokenizer=vit1d_base`, `prior=gpt_base`.
 
     The registries stay the single source of truth; the prior nodes omit vocab_size and
     block_size because the tokenizer determines them.
@@ -190,6 +195,8 @@ def register_configs() -> None:
     store.store(name="schema", node=RunConfig)
     for size in CONV_PRESETS:
         store.store(group="tokenizer", name=f"conv_{size}", node=conv_tokenizer_config(size))
+    for size in VIT1D_PRESETS:
+        store.store(group="tokenizer", name=f"vit1d_{size}", node=vit1d_tokenizer_config(size))
     for size in GPT_PRESETS:
         fields = dataclasses.asdict(gpt_config(size, vocab_size=2, block_size=1))
         fields.pop("vocab_size"), fields.pop("block_size")

@@ -28,6 +28,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from wartok.stream import EpochSampler
 from wartok.validate import ConfigError, check_choice, check_int
 
 NAMES = ("fashion_mnist", "cifar10", "imagefolder", "imagenet")
@@ -298,17 +299,17 @@ def _subset(ds: Dataset, n: int, setting: str) -> Dataset:
     return Subset(ds, order[:n].tolist())
 
 
-def _loader(ds: Dataset, batch_size: int, cfg: DataConfig, device_type: str,
-            generator: Optional[torch.Generator]) -> DataLoader:
-    train = generator is not None
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=generator, drop_last=train,
+def _loader(ds: Dataset, batch_size: int, cfg: DataConfig, device_type: str, train: bool, seed: int) -> DataLoader:
+    # training order: one seeded permutation per epoch (wartok/stream.py), resumable mid-epoch
+    sampler = EpochSampler(len(ds), seed) if train else None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, pin_memory=device_type == "cuda",
                       persistent_workers=cfg.num_workers > 0)
 
 
 def build_data(cfg: DataConfig, seed: int, device_type: str = "cpu") -> DataBundle:
-    """Data sets and loaders for ``cfg``. The train order depends only on ``seed``; its
-    generator is ``bundle.train_loader.generator`` (save its state to resume mid-epoch)."""
+    """Data sets and loaders for ``cfg``. The train loader's sampler is an EpochSampler: iterate it
+    through a wartok.stream.BatchStream, whose seed fixes the order (each stage passes its own)."""
     src = locate(cfg)
     load = {"fashion_mnist": _load_fashion_mnist, "cifar10": _load_cifar10}.get(cfg.name, _load_imagefolder)
     train, heldout, num_classes = load(cfg, src)
@@ -317,11 +318,10 @@ def build_data(cfg: DataConfig, seed: int, device_type: str = "cpu") -> DataBund
     if len(train) < cfg.batch_size:  # drop_last would leave an empty epoch
         raise ConfigError(f"data.batch_size={cfg.batch_size} is not allowed; the training set holds only "
                           f"{len(train)} images and incomplete batches are dropped")
-    generator = torch.Generator().manual_seed(seed)
     return DataBundle(
         train=train, heldout=heldout,
-        train_loader=_loader(train, cfg.batch_size, cfg, device_type, generator),
-        heldout_loader=_loader(heldout, cfg.eval_batch_size, cfg, device_type, None),
+        train_loader=_loader(train, cfg.batch_size, cfg, device_type, train=True, seed=seed),
+        heldout_loader=_loader(heldout, cfg.eval_batch_size, cfg, device_type, train=False, seed=seed),
         num_classes=num_classes, image_size=cfg.image_size, channels=cfg.channels, source=src.folder)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 
+from wartok.metrics import to_uint8
 from wartok.models.sample import generate
 from wartok.runtime import autocast
 
@@ -82,3 +83,35 @@ def save_sample_grid(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: 
                       generator=generator, device=device)  # (N, T)
     save_image(to_unit(tokenizer.decode_indices(tokens).float()), path, nrow=8)
     return path
+
+
+@torch.no_grad()
+def reconstructions_uint8(tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                          precision: str) -> torch.Tensor:
+    """uint8 (N, 3, H, W) reconstructions of every image of `dataset`, in order."""
+    tokenizer.eval()
+    out = []
+    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        with autocast(device, precision):
+            out.append(to_uint8(tokenizer(images.to(device)).recon.float()))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def samples_uint8(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int, batch_size: int,
+                  device: torch.device, precision: str, temperature: float, top_k: int, top_p: float,
+                  seed: int) -> torch.Tensor:
+    """uint8 (count, 3, H, W) decoded samples of the prior, class-balanced when it is conditional."""
+    prior.eval()
+    tokenizer.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    num_classes = prior.config.num_classes
+    out = []
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        cond = (torch.arange(start, start + n, device=device) % num_classes) if num_classes > 0 else None
+        with autocast(device, precision):
+            tokens = generate(prior, n, cond=cond, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator, device=device)  # (n, T)
+            out.append(to_uint8(tokenizer.decode_indices(tokens).float()))
+    return torch.cat(out)

@@ -1,42 +1,78 @@
-"""The optimisation loop every training stage shares: steps, clipping, schedule, logging."""
+"""The optimisation loop every training stage shares: steps, clipping, schedule, logging,
+checkpoints and exact resume, non-finite steps, and stopping at a step boundary on a signal."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from wartok.checkpoint import CheckpointConfig, StageCheckpointer, set_rng_state
 from wartok.config import StageConfig
 from wartok.optim import build_optimizer, warmup_cosine
 from wartok.results import ScalarLog
 
 # step_fn(step) -> (loss to minimise, raw scalars to log); scalars stay tensors so that
-# no host-device sync happens except at log intervals.
+# no host-device sync happens except at log intervals (and one finiteness check per step).
 StepFn = Callable[[int], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 AfterStepFn = Callable[[int], "dict[str, torch.Tensor]"]
+# Set by wartok.run's SIGUSR2 / SIGTERM handlers; the loop saves and stops at the next step boundary.
+STOP = threading.Event()
 
 
 class NonFiniteLoss(RuntimeError):
-    """A stage produced a NaN or inf loss; the run stops as failed and nothing non-finite is saved."""
+    """A stage produced a NaN or inf loss or gradient; the run stops as failed, nothing non-finite is saved."""
+
+
+class Interrupted(RuntimeError):
+    """The run was asked to stop (preemption, time limit); its stage saved a checkpoint first."""
+
+
+@dataclass
+class StageContext:
+    """What every stage needs from the run, and nothing of the global config."""
+
+    device: torch.device
+    precision: str
+    log: ScalarLog
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint_dir: Optional[Path] = None   # None: this stage is not checkpointed (e.g. a cached stage)
+    config: dict[str, Any] = field(default_factory=dict)  # the flattened run config, for checkpoint hashes
 
 
 @dataclass
 class StageSummary:
     steps: int
     last: dict[str, float]  # the averages over the last logging interval
+    nonfinite_skipped: int = 0
 
 
-def forever(loader: Iterable) -> Iterator:
-    """Cycle a DataLoader epoch after epoch (its seeded generator keeps the order reproducible)."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ValueError("the data loader is empty: lower the batch size or enlarge the subset")
+class Averages:
+    """Per-key sums of logged scalars since the last log line; a key that some steps do not report
+    (a signal computed every n-th step) is averaged over the steps that reported it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, scalars: dict[str, torch.Tensor]) -> None:
+        for key, value in scalars.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        means = {key: (value / self.counts[key]).item() for key, value in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
 
 
 def run_stage(
@@ -44,44 +80,83 @@ def run_stage(
     params: Iterable[torch.nn.Parameter],
     stage: StageConfig,
     step_fn: StepFn,
-    log: ScalarLog,
-    device: torch.device,
+    ctx: StageContext,
     extra_groups: Sequence[tuple[Iterable[torch.nn.Parameter], float]] = (),
     after_step: Optional[AfterStepFn] = None,
+    stateful: Optional[dict[str, Any]] = None,
 ) -> StageSummary:
-    """Run `stage.steps` optimizer steps of `step_fn`, logging averaged scalars every log_every steps.
+    """Run `stage.steps` optimizer steps of `step_fn`, logging averages every log_every steps.
 
     extra_groups: (params, lr) trained by the same loss at their own lr (the joint baseline's AR).
     after_step(step) runs after the optimizer step (auxiliary-model upkeep) and returns scalars.
-    A scalar that some steps do not report (a signal computed every n-th step) is averaged over
-    the steps that reported it.
+    stateful: name -> object with state_dict/load_state_dict (models, the data stream, the
+    prior term) that a checkpoint must hold for the resumed stage to equal an uninterrupted one.
     """
     params = [p for p in params if p.requires_grad]
     extra_groups = [([p for p in group if p.requires_grad], lr) for group, lr in extra_groups]
     clipped = params + [p for group, _ in extra_groups for p in group]
-    optimizer = build_optimizer(params, stage.optim, device, extra_groups)
+    optimizer = build_optimizer(params, stage.optim, ctx.device, extra_groups)
     schedule = warmup_cosine(optimizer, stage.optim, stage.steps)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    last: dict[str, float] = {}
-    for step in tqdm(range(stage.steps), desc=f"stage {name}", disable=None, leave=False):
+    averages, skipped, last = Averages(), 0, {}
+    objects = {**(stateful or {}), "optimizer": optimizer, "schedule": schedule, "averages": averages}
+    saver = None if ctx.checkpoint_dir is None else StageCheckpointer(
+        ctx.checkpoint_dir / f"stage_{name}", name, ctx.config, ctx.checkpoint.keep)
+    start = 0 if saver is None else resume(saver, objects, ctx)
+    max_norm = stage.optim.grad_clip if stage.optim.grad_clip > 0 else float("inf")
+    for step in tqdm(range(start, stage.steps), desc=f"stage {name}", disable=None, leave=False):
         loss, scalars = step_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if stage.optim.grad_clip > 0:
-            scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(clipped, stage.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(clipped, max_norm)  # inf: measures, scales by exactly 1
+        if not bool(torch.isfinite(loss.detach() + grad_norm)):
+            skipped = handle_nonfinite(name, step, loss, ctx.checkpoint, skipped)
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()  # the schedule stays a function of the step index
+            continue
+        scalars["grad_norm"] = grad_norm
         optimizer.step()
         schedule.step()
         if after_step is not None:
             scalars.update(after_step(step))
-        for key, value in scalars.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-            counts[key] = counts.get(key, 0) + 1
+        averages.add(scalars)
         if (step + 1) % stage.log_every == 0 or step == stage.steps - 1:
-            last = {key: (value / counts[key]).item() for key, value in sums.items()}
-            if not math.isfinite(last.get("loss", 0.0)):
-                raise NonFiniteLoss(f"stage {name}: non-finite loss {last['loss']} by step {step}")
-            log.log(name, step + 1, {**last, "lr": schedule.get_last_lr()[0]})
-            sums, counts = {}, {}
+            last = averages.pop()
+            ctx.log.log(name, step + 1, {**last, "lr": schedule.get_last_lr()[0], "nonfinite_skipped": skipped})
+        due = ctx.checkpoint.every and (step + 1) % ctx.checkpoint.every == 0
+        if saver is not None and (due or step == stage.steps - 1 or STOP.is_set()):
+            save(saver, step + 1, objects, ctx)
+        if STOP.is_set() and step < stage.steps - 1:
+            raise Interrupted(f"stage {name} stopped at step {step + 1} of {stage.steps} (checkpoint saved)")
     optimizer.zero_grad(set_to_none=True)  # a trained model leaves its stage without stale .grad
-    return StageSummary(steps=stage.steps, last=last)
+    return StageSummary(steps=stage.steps, last=last, nonfinite_skipped=skipped)
+
+
+def handle_nonfinite(name: str, step: int, loss: torch.Tensor, cfg: CheckpointConfig, skipped: int) -> int:
+    """Skip (counted) or fail, as configured; returns the new skip count."""
+    if cfg.on_nonfinite == "skip" and skipped < cfg.max_nonfinite:
+        return skipped + 1
+    reason = "checkpoint.on_nonfinite=fail" if cfg.on_nonfinite == "fail" else f"more than {cfg.max_nonfinite} skipped"
+    raise NonFiniteLoss(f"stage {name}: non-finite loss or gradient at step {step} (loss {loss.item()}; {reason})")
+
+
+def save(saver: StageCheckpointer, step: int, objects: dict[str, Any], ctx: StageContext) -> None:
+    state = {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
+    saver.save(step, {"objects": state, "log_offset": ctx.log.offset()})
+
+
+def resume(saver: StageCheckpointer, objects: dict[str, Any], ctx: StageContext) -> int:
+    """Restore the stage from its latest checkpoint (or checkpoint.resume); returns the next step."""
+    explicit = ctx.checkpoint.resume
+    state = saver.load_latest(Path(explicit) if explicit and _stage_of(explicit) == saver.stage else None)
+    if state is None:
+        return 0
+    for name, obj in objects.items():
+        if obj is not None:
+            obj.load_state_dict(state["objects"][name])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _stage_of(path: str) -> Optional[str]:
+    parent = Path(path).parent.name
+    return parent[len("stage_"):] if parent.startswith("stage_") else None

@@ -11,27 +11,31 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from torch.utils.data import DataLoader
+from torch.utils.data import Subset
 
 from wartok.cache import StageCache, default_cache_dir, stage_key
 from wartok.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wartok.config import RunConfig
 from wartok.data import DataBundle, build_data
-from wartok.evaluate import (code_histogram_stats, heldout_nll, reconstruction_psnr, save_reconstruction_grid,
-                             save_sample_grid)
+from wartok.evaluate import (code_histogram_stats, heldout_nll, reconstruction_psnr, reconstructions_uint8,
+                             samples_uint8, save_reconstruction_grid, save_sample_grid)
 from wartok.method import build_prior_term
+from wartok.metrics import INCEPTION, ReferenceKey, dataset_uint8, generation_metrics, reconstruction_metrics, subset_indices
 from wartok.models import TOKENIZERS, GPT
-from wartok.results import ScalarLog, metric
+from wartok.results import ScalarLog, flatten, metric
 from wartok.runtime import configure_backends, maybe_compile, resolve_device, seed_everything
 from wartok.validate import ConfigError
+from wartok.weights import resolve_inception_weights
 from wartok.stages import StageContext, train_prior, train_tokenizer
+from wartok.stream import BatchStream
 from wartok.tokens import extract_tokens, token_loader
 
 STAGE_SEED_OFFSET = {"a": 1, "b": 2, "c": 3, "d": 4}
+STAGES = tuple(STAGE_SEED_OFFSET)
 
 
 @dataclass
@@ -44,12 +48,17 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate what depends on the machine (device, data on disk); raises ConfigError, spends no compute."""
     device = resolve_device(cfg.device)
+    if cfg.checkpoint.resume and not Path(cfg.checkpoint.resume).is_file():
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume} does not exist; give an existing "
+                          "checkpoints/stage_<x>/step_<n>.pt file, or leave it unset to resume from the run folder")
     configure_backends(device)
     data = build_data(cfg.data, seed=cfg.seed, device_type=device.type)
     if data.image_size != cfg.tokenizer.image_size or data.channels != cfg.tokenizer.in_channels:
         raise ConfigError(
             f"tokenizer.image_size={cfg.tokenizer.image_size} / tokenizer.in_channels={cfg.tokenizer.in_channels} "
             f"must match the data ({data.image_size} px, {data.channels} channels)")
+    if cfg.metrics.enabled and cfg.metrics.feature_extractor == INCEPTION:
+        resolve_inception_weights(cfg.metrics.inception_weights)  # no weights: ConfigError naming the fix
     return Prepared(cfg=cfg, device=device, data=data)
 
 
@@ -64,10 +73,14 @@ def run_pipeline(prep: Prepared, out_dir: Path) -> tuple[dict[str, Any], dict[st
     stage cache (absolute paths). Provenance says which cache entries were built or reused.
     """
     cfg, device, data = prep.cfg, prep.device, prep.data
-    log = ScalarLog(out_dir / "scalars.jsonl")
-    ctx = StageContext(device=device, precision=cfg.precision, log=log)
+    checkpoints = out_dir / "checkpoints"
+    resumed_offset = log_offset_to_resume(checkpoints)  # None: a fresh run
+    log = ScalarLog(out_dir / "scalars.jsonl", truncate_to=resumed_offset)
+    ctx = StageContext(device=device, precision=cfg.precision, log=log, checkpoint=cfg.checkpoint,
+                       checkpoint_dir=checkpoints, config=checkpointed_config(cfg))
     try:
-        tokenizer, target, target_nll, artifacts, provenance = shared_stages(cfg, data, ctx, out_dir)
+        tokenizer, target, target_nll, artifacts, provenance = shared_stages(cfg, data, ctx, out_dir,
+                                                                             log_cached=resumed_offset is None)
         stage_c(cfg, data, tokenizer, target, ctx)
         artifacts["tokenizer"] = _save(out_dir, "tokenizer.pt", tokenizer, cfg)
         metrics, eval_prior = stage_d(cfg, data, tokenizer, ctx)
@@ -80,9 +93,25 @@ def run_pipeline(prep: Prepared, out_dir: Path) -> tuple[dict[str, Any], dict[st
     return metrics, artifacts, provenance
 
 
-def shared_stages(cfg: RunConfig, data: DataBundle, ctx: StageContext, out_dir: Path):
+def log_offset_to_resume(checkpoints: Path) -> Optional[int]:
+    """Where the scalars log of a resumed run must be cut: at the latest checkpoint of the last
+    stage that has one (what was logged after it will be logged again). None: nothing to resume."""
+    for stage in reversed(STAGES):
+        pointer = checkpoints / f"stage_{stage}" / "latest"
+        if pointer.is_file():
+            return int(load_checkpoint(pointer.parent / pointer.read_text().strip())["log_offset"])
+    return None
+
+
+def checkpointed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a checkpoint must agree with: all but the checkpoint settings themselves."""
+    return {k: v for k, v in flatten(dataclasses.asdict(cfg)).items() if not k.startswith("checkpoint.")}
+
+
+def shared_stages(cfg: RunConfig, data: DataBundle, ctx: StageContext, out_dir: Path, log_cached: bool = True):
     """Stages A and B: from the stage cache (built once per key, see wartok/cache.py) or, with
-    reuse_stages=false, trained inside this run. Either way the run's scalars.jsonl gets their curves."""
+    reuse_stages=false, trained inside this run (and checkpointed there). The run's scalars.jsonl
+    gets the cached stages' curves once (log_cached: not again when a run resumes)."""
     if not cfg.reuse_stages:
         tokenizer = stage_a(cfg, data, ctx)
         target, target_nll = stage_b(cfg, data, tokenizer, ctx)
@@ -94,20 +123,20 @@ def shared_stages(cfg: RunConfig, data: DataBundle, ctx: StageContext, out_dir: 
     payload_b = {"stage_a": stage_key("a", payload_a), **stage_b_settings(cfg)}
 
     def build_a(folder: Path) -> None:
-        with ScalarLog(folder / "scalars.jsonl") as log:
-            tokenizer = stage_a(cfg, data, dataclasses.replace(ctx, log=log))
+        with ScalarLog(folder / "scalars.jsonl") as log:  # a cache build restarts from scratch if killed
+            tokenizer = stage_a(cfg, data, dataclasses.replace(ctx, log=log, checkpoint_dir=None))
         save_checkpoint(folder / "tokenizer.pt", {"model": tokenizer.state_dict()})
 
     def build_b(folder: Path) -> None:
         with ScalarLog(folder / "scalars.jsonl") as log:
-            target, nll = stage_b(cfg, data, tokenizer, dataclasses.replace(ctx, log=log))
+            target, nll = stage_b(cfg, data, tokenizer, dataclasses.replace(ctx, log=log, checkpoint_dir=None))
         save_checkpoint(folder / "target_prior.pt", {"model": target.state_dict(), "heldout_nll": nll})
 
     tokenizer, hit_a = cache.get_or_build(payload_b["stage_a"], payload_a, build_a,
                                           lambda folder: _load_model(folder / "tokenizer.pt", new_tokenizer(cfg, ctx)))
     (target, target_nll), hit_b = cache.get_or_build(stage_key("b", payload_b), payload_b, build_b,
                                                      lambda folder: _load_prior(folder / "target_prior.pt", cfg, ctx))
-    for hit in (hit_a, hit_b):
+    for hit in (hit_a, hit_b) if log_cached else ():
         ctx.log.extend(hit.folder / "scalars.jsonl")
     artifacts = {"tokenizer_a": str(hit_a.folder / "tokenizer.pt"), "target_prior": str(hit_b.folder / "target_prior.pt")}
     provenance = {name: {"key": hit.key, "reused": hit.reused, "folder": str(hit.folder)}
@@ -149,19 +178,12 @@ def _load_prior(path: Path, cfg: RunConfig, ctx: StageContext) -> tuple[torch.nn
     return _load_model(path, GPT(cfg.prior).to(ctx.device)), float(state["heldout_nll"])
 
 
-def reseed_loader(loader: DataLoader, seed: int) -> None:
-    """Make a stage's data order a function of the stage seed alone, whatever ran before it
-    (a cached stage A consumed no batches in this process; a fresh one did)."""
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed)
-
-
 def stage_a(cfg: RunConfig, data: DataBundle, ctx: StageContext) -> torch.nn.Module:
     """Tokenizer pretraining (likelihood + posterior), shared by every method."""
     seed_everything(stage_seed(cfg, "a"))
-    reseed_loader(data.train_loader, stage_seed(cfg, "a"))
     tokenizer = new_tokenizer(cfg, ctx)
-    train_tokenizer("a", maybe_compile(tokenizer, cfg.compile), data.train_loader, cfg.stage_a, cfg.tvc, ctx)
+    batches = BatchStream(data.train_loader, stage_seed(cfg, "a"))  # the order depends on the stage seed alone
+    train_tokenizer("a", maybe_compile(tokenizer, cfg.compile), batches, cfg.stage_a, cfg.tvc, ctx)
     return tokenizer
 
 
@@ -182,11 +204,11 @@ def stage_c(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, target
     signal (wartok/method.py), both around a copy of stage B's target, which stays untouched.
     """
     seed_everything(stage_seed(cfg, "c"))
-    reseed_loader(data.train_loader, stage_seed(cfg, "c"))
     if cfg.stage_c.steps == 0:
         return
     prior_term = build_prior_term(cfg.method, target, cfg.tvc.prior, seed=stage_seed(cfg, "c"))
-    train_tokenizer("c", maybe_compile(tokenizer, cfg.compile), data.train_loader, cfg.stage_c, cfg.tvc, ctx,
+    batches = BatchStream(data.train_loader, stage_seed(cfg, "c"))
+    train_tokenizer("c", maybe_compile(tokenizer, cfg.compile), batches, cfg.stage_c, cfg.tvc, ctx,
                     prior_term=prior_term)
 
 
@@ -208,7 +230,32 @@ def stage_d(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module,
         "codebook_usage": metric(usage["codebook_usage"], n_images),
         "token_perplexity": metric(usage["token_perplexity"], n_images),
     }
+    if cfg.metrics.enabled:
+        metrics.update(fidelity_metrics(cfg, data, tokenizer, prior, ctx))
     return metrics, prior
+
+
+def fidelity_metrics(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, prior: torch.nn.Module,
+                     ctx: StageContext) -> dict[str, Any]:
+    """rFID/rKID on held-out reconstructions, gFID/gKID/IS on decoded samples (wartok/metrics.py).
+
+    The real-image statistics are cached under a key naming the data set, split and subset, so
+    every method and seed of a sweep compares against the same, once-extracted reference.
+    """
+    m, seed = cfg.metrics, stage_seed(cfg, "d")
+    source = f"{data.source}|train_subset={cfg.data.train_subset}|heldout_subset={cfg.data.heldout_subset}"
+    heldout = Subset(data.heldout, subset_indices(len(data.heldout), m.rfid_samples))
+    recon = reconstructions_uint8(tokenizer, heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision)
+    heldout_key = ReferenceKey(cfg.data.name, "heldout", data.image_size, len(heldout), data.channels, source)
+    out = reconstruction_metrics(recon, lambda: dataset_uint8(heldout), m, seed, ctx.device, heldout_key)
+    e = cfg.eval
+    samples = samples_uint8(tokenizer, prior, m.gfid_samples, cfg.data.eval_batch_size, ctx.device, ctx.precision,
+                            e.sample_temperature, e.sample_top_k, e.sample_top_p, seed)
+    n_train = len(subset_indices(len(data.train), m.reference_samples))
+    train_key = ReferenceKey(cfg.data.name, "train", data.image_size, n_train, data.channels, source)
+    out.update(generation_metrics(samples, lambda: dataset_uint8(data.train, m.reference_samples), m, seed,
+                                  ctx.device, train_key))
+    return out
 
 
 def fit_prior(name: str, cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, stage, ctx: StageContext):
@@ -216,8 +263,8 @@ def fit_prior(name: str, cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.M
     tokens, labels = extract_tokens(tokenizer, data.train, cfg.data.eval_batch_size, ctx.device, ctx.precision,
                                     desc=f"stage {name} tokens")
     prior = GPT(cfg.prior).to(ctx.device)
-    loader = token_loader(tokens, labels, stage.batch_size, seed=stage_seed(cfg, name))
-    train_prior(name, maybe_compile(prior, cfg.compile), loader, stage, ctx)
+    batches = BatchStream(token_loader(tokens, labels, stage.batch_size, seed=0), stage_seed(cfg, name))
+    train_prior(name, maybe_compile(prior, cfg.compile), batches, stage, ctx)
     return prior
 
 

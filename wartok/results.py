@@ -15,10 +15,10 @@ import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 SCHEMA_VERSION = 1
-STATUSES = ("completed", "failed")
+STATUSES = ("completed", "failed", "interrupted")
 # Top-level keys and their JSON types; `metrics` maps a name to {"value", "n", ...}.
 RESULT_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,
@@ -129,9 +129,17 @@ def read_result(path: Path) -> dict[str, Any]:
 class ScalarLog:
     """Appends one JSON line per logged step to scalars.jsonl (flushed, so a killed run keeps its curve)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, truncate_to: Optional[int] = None) -> None:
+        """Append to `path`; truncate_to drops what a resumed run logged after its checkpoint."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to is not None and path.is_file():
+            os.truncate(path, truncate_to)
         self.handle = open(path, "a", buffering=1)
+
+    def offset(self) -> int:
+        """The byte length of the log so far (a checkpoint stores it)."""
+        self.handle.flush()
+        return self.handle.tell()
 
     def log(self, stage: str, step: int, scalars: dict[str, float]) -> None:
         self.handle.write(json.dumps({"stage": stage, "step": step, **scalars}) + "\n")

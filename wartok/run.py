@@ -6,15 +6,18 @@ message, and the partial scalars and checkpoints stay beside the result.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from wartok.config import RunConfig
+from wartok.loop import STOP, Interrupted
 from wartok.pipeline import prepare, run_pipeline
 from wartok.results import flatten, git_state, package_versions, utc_now, write_result
 
@@ -47,18 +50,56 @@ def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, An
         "stage_cache": {},
     }
     start = time.perf_counter()
-    try:
-        result["metrics"], result["artifacts"], result["stage_cache"] = run_pipeline(prep, out_dir)
-        result["status"] = "completed"
-    except Exception as err:  # recorded, then re-raised so launchers see the failure too
-        result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        result["ended_utc"] = utc_now()
-        result["wall_seconds"] = round(time.perf_counter() - start, 3)
-        write_result(out_dir / RESULT_NAME, result)
+    with stop_on_signals() as received:
+        try:
+            result["metrics"], result["artifacts"], result["stage_cache"] = run_pipeline(prep, out_dir)
+            result["status"] = "completed"
+        except Interrupted as err:  # a checkpoint is saved; rerunning the same command resumes
+            result["status"], result["error"] = "interrupted", str(err)
+        except Exception as err:  # recorded, then re-raised so launchers see the failure too
+            result["error"] = f"{type(err).__name__}: {err}"
+            result["traceback"] = traceback.format_exc()
+            raise
+        finally:
+            result["ended_utc"] = utc_now()
+            result["wall_seconds"] = round(time.perf_counter() - start, 3)
+            write_result(out_dir / RESULT_NAME, result)
+    if result["status"] == "interrupted":
+        hand_on(received)
     return result
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[dict[str, Any]]:
+    """SIGUSR2 (submitit's preemption and time-limit signal) and SIGTERM set loop.STOP: the stage
+    saves a checkpoint at its next step boundary and the run ends as `interrupted`. Yields a dict
+    that receives the signal number and the handler that was installed before ours."""
+    received: dict[str, Any] = {}
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        received.update(signum=signum, previous=previous.get(signum))
+        STOP.set()
+
+    try:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        STOP.clear()
+
+
+def hand_on(received: dict[str, Any]) -> None:
+    """After the checkpoint: let the handler we displaced act (submitit's requeues the job), then exit."""
+    previous, signum = received.get("previous"), received.get("signum", signal.SIGTERM)
+    if callable(previous):
+        previous(signum, None)
+    raise SystemExit(128 + int(signum))
 
 
 def format_metrics(result: dict[str, Any]) -> str:
@@ -67,7 +108,9 @@ def format_metrics(result: dict[str, Any]) -> str:
     for name, entry in sorted(result["metrics"].items()):
         value = entry["value"]
         shown = "unavailable" if value is None else f"{value:.4f}"
-        rows.append((name, shown + (f" {entry['unit']}" if "unit" in entry else ""), str(entry["n"])))
+        shown += f" {entry['unit']}" if "unit" in entry else ""
+        shown += " (unreliable: n < 2048)" if entry.get("reliable") is False and value is not None else ""
+        rows.append((name, shown, str(entry["n"])))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))

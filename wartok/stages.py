@@ -1,26 +1,15 @@
 """The training stages of METHOD.md: tokenizer (A, and C for two-stage) and priors (B, D)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from wartok.config import StageConfig
-from wartok.loop import StageSummary, StepFn, forever, run_stage
-from wartok.results import ScalarLog
+from wartok.loop import StageContext, StageSummary, StepFn, run_stage
 from wartok.runtime import autocast
+from wartok.stream import BatchStream
 from wartok.tvc import TVCConfig, likelihood_terms, posterior_terms, weigh
-
-
-@dataclass
-class StageContext:
-    """What every stage needs from the run, and nothing of the global config."""
-
-    device: torch.device
-    precision: str
-    log: ScalarLog
 
 
 def tokenizer_step_fn(tokenizer: torch.nn.Module, batches: Iterator, tvc: TVCConfig, ctx: StageContext,
@@ -47,21 +36,21 @@ def tokenizer_step_fn(tokenizer: torch.nn.Module, batches: Iterator, tvc: TVCCon
     return step_fn
 
 
-def train_tokenizer(name: str, tokenizer: torch.nn.Module, loader: DataLoader, stage: StageConfig,
+def train_tokenizer(name: str, tokenizer: torch.nn.Module, batches: BatchStream, stage: StageConfig,
                     tvc: TVCConfig, ctx: StageContext, prior_term: Optional[Any] = None) -> StageSummary:
     """Likelihood + posterior training (stage A, and stage C of two_stage), plus the prior term of
     joint or wartok in stage C."""
     tokenizer.train()
-    step_fn = tokenizer_step_fn(tokenizer, forever(loader), tvc, ctx, prior_term)
+    step_fn = tokenizer_step_fn(tokenizer, batches, tvc, ctx, prior_term)
     groups = [] if prior_term is None else prior_term.param_groups()
     after = None if prior_term is None else prior_term.after_step
-    return run_stage(name, tokenizer.parameters(), stage, step_fn, ctx.log, ctx.device, groups, after)
+    stateful = {"model": tokenizer, "batches": batches, "prior_term": prior_term}
+    return run_stage(name, tokenizer.parameters(), stage, step_fn, ctx, groups, after, stateful)
 
 
-def train_prior(name: str, prior: torch.nn.Module, loader: DataLoader, stage: StageConfig,
+def train_prior(name: str, prior: torch.nn.Module, batches: BatchStream, stage: StageConfig,
                 ctx: StageContext) -> StageSummary:
     """Next-token maximum likelihood on frozen token sequences (stages B and D)."""
-    batches = forever(loader)
     conditional = prior.config.num_classes > 0
     prior.train()
 
@@ -73,4 +62,4 @@ def train_prior(name: str, prior: torch.nn.Module, loader: DataLoader, stage: St
             _, loss = prior(tokens, cond=cond, targets=tokens)
         return loss, {"loss": loss}
 
-    return run_stage(name, prior.parameters(), stage, step_fn, ctx.log, ctx.device)
+    return run_stage(name, prior.parameters(), stage, step_fn, ctx, stateful={"model": prior, "batches": batches})

