@@ -2,7 +2,9 @@
 
 One `@hydra.main`. The composed config becomes a typed RunConfig (unknown keys and bad values
 fail here with one line, before compute), then one run writes its result.json into Hydra's
-output folder. The value returned is what sweepers minimise: the evaluation prior's ar_loss.
+output folder. The value returned is what sweepers optimise: the metrics named by
+`hydra.sweeper.objectives` (the Optuna sweeper's setting; else ar_loss), NaN for a metric the
+run did not report, which the sweeper records as a failed trial.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from wartok.config import load_run_config, register_configs
+from wartok.launch import register as register_sweepers
 from wartok.run import execute, format_metrics
 from wartok.validate import ConfigError
 
@@ -24,6 +27,7 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 # The primary config mounts PROJECT_ROOT/sweeps as the `sweeps` group through this variable.
 os.environ.setdefault("WARTOK_PROJECT_ROOT", str(PROJECT_ROOT))
 register_configs()
+register_sweepers()  # hydra/sweeper=resumable_grid|resumable_optuna (sweeps/ use them)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -34,8 +38,19 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
 
 
+def objective(result: dict, names: list[str]) -> float | list[float]:
+    """The named metrics of a result (NaN where missing or unavailable): one float, or a list for several."""
+    values = []
+    for name in names:
+        value = (result["metrics"].get(name) or {}).get("value")
+        if value is None:
+            print(f"wartok: objective {name!r} is not available in this run's metrics", file=sys.stderr)
+        values.append(float("nan") if value is None else float(value))
+    return values[0] if len(values) == 1 else values
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
     try:
         run_cfg = load_run_config(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -45,7 +60,7 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(2) from None
     print(format_metrics(result))
     print(f"result: {out_dir / 'result.json'}")
-    return result["metrics"]["ar_loss"]["value"]
+    return objective(result, list(OmegaConf.select(HydraConfig.get(), "sweeper.objectives", default=None) or ["ar_loss"]))
 
 
 if __name__ == "__main__":
