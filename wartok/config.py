@@ -8,6 +8,7 @@ before any compute is spent.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -23,7 +24,7 @@ from wartok.models.gpt import PRESETS as GPT_PRESETS, gpt_config
 from wartok.models.vit1d import PRESETS as VIT1D_PRESETS, vit1d_tokenizer_config
 from wartok.tracker import tracker_gpt_config
 from wartok.tvc import METHODS, PRIOR_KIND, TVCConfig
-from wartok.validate import ConfigError, check_choice, check_finite, check_int
+from wartok.validate import ConfigError, check_choice, check_finite, check_int, check_unit_interval
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -122,7 +123,7 @@ def validate_stage(name: str, stage: StageConfig) -> None:
         check_finite(f"{name}.optim.{beta}", value, minimum=0.0)
         if value >= 1.0:
             raise ConfigError(f"{name}.optim.{beta}={value!r} is not allowed; it must be in [0, 1)")
-    check_finite(f"{name}.optim.min_lr_ratio", stage.optim.min_lr_ratio, minimum=0.0)
+    check_unit_interval(f"{name}.optim.min_lr_ratio", stage.optim.min_lr_ratio)
 
 
 def _strict(schema: Any, node: Any, where: str) -> Any:
@@ -165,7 +166,10 @@ def load_tokenizer_config(node: Any) -> Any:
 def load_prior_config(node: Any, tokenizer: Any) -> GPTConfig:
     """The prior's vocabulary and length come from the tokenizer; a node that sets them must agree."""
     vocab, length = tokenizer.quantizer.codebook_size, num_tokens(tokenizer)
-    prior = _strict(GPTConfig(vocab_size=vocab, block_size=length), node, "prior")
+    try:
+        prior = _strict(GPTConfig(vocab_size=vocab, block_size=length), node, "prior")
+    except ConfigError as err:  # GPTConfig names its fields gpt.*; here the user's key is prior.*
+        raise ConfigError(re.sub(r"\bgpt\.", "prior.", str(err))) from None
     if prior.vocab_size != vocab:
         raise ConfigError(f"prior.vocab_size={prior.vocab_size} must equal tokenizer.quantizer.codebook_size={vocab}")
     if prior.block_size != length:

@@ -36,6 +36,6 @@ def check_finite(name: str, value: float, *, minimum: float | None = None, stric
 
 
 def check_unit_interval(name: str, value: float, *, open_right: bool = False) -> None:
-    check_finite(name, value, minimum=0.0)
-    if value > 1.0 or (open_right and value == 1.0):
-        raise ConfigError(f"{name}={value!r} is not allowed; it must be in [0, 1{')' if open_right else ']'}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0.0 or value > 1.0 or (open_right and value == 1.0):
+        raise ConfigError(f"{name}={value!r} is not allowed; it must be a number in [0, 1{')' if open_right else ']'}")
