@@ -37,7 +37,7 @@ def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, An
         "error": None,
         "method": cfg.method,
         "seed": cfg.seed,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id(),
         "git_commit": commit,
         "git_dirty": dirty,
         "started_utc": utc_now(),
@@ -67,6 +67,12 @@ def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, An
     if result["status"] == "interrupted":
         hand_on(received)
     return result
+
+
+def slurm_job_id() -> str | None:
+    """The job's id as squeue, sacct and submitit's folders show it: ARRAY_TASK for array jobs."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 @contextlib.contextmanager
