@@ -163,3 +163,21 @@ def test_a_preempted_submitit_job_requeues_and_finishes_as_if_uninterrupted(tmp_
     for name in ("ar_loss", "psnr", "codebook_usage", "token_perplexity"):
         assert result["metrics"][name]["value"] == expected[name]["value"], name
     assert math.isfinite(result["metrics"]["ar_loss"]["value"])
+
+
+def test_a_storage_password_never_reaches_a_file_or_the_output(tmp_path: Path) -> None:
+    """The URL comes from the environment, the server is unreachable, the sweep fails: neither its
+    error path nor any file it wrote (configs, .hydra copies, logs, sweep.json) shows the password.
+    (tests/test_postgres.py checks the same on a real server, through a whole study.)"""
+    secret = "pw-Zq8-must-not-leak"
+    sweep_dir = tmp_path / "optuna"
+    env = {**os.environ, "WARTOK_CACHE": str(tmp_path / "cache"),
+           "WARTOK_OPTUNA_STORAGE": f"postgresql+psycopg2://wartok:{secret}@127.0.0.1:1/optuna"}
+    proc = subprocess.run([sys.executable, "-m", "wartok.sweep", "-m", "sweeps=optuna_tvc", *SMALL,
+                           f"hydra.sweep.dir={sweep_dir}"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "127.0.0.1" in proc.stderr  # it did try that server
+    assert secret not in proc.stdout + proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "multirun.yaml" for p in written)
+    assert [str(p) for p in written if secret.encode() in p.read_bytes()] == []
