@@ -109,6 +109,22 @@ def test_subset_and_batch_larger_than_split():
         build_data(_fm(train_subset=10, batch_size=16), seed=0)
 
 
+@needs_fmnist
+def test_data_parallel_ranks_load_their_slices_of_the_global_batch():
+    """world=2: data.batch_size stays the global batch; rank r loads the r-th half of each one."""
+    from wartok.stream import BatchStream
+
+    single = BatchStream(build_data(_fm(), seed=0).train_loader, seed=4)
+    ranks = [BatchStream(build_data(_fm(), seed=0, rank=r, world=2).train_loader, seed=4) for r in range(2)]
+    for _ in range(3):
+        x, y = next(single)
+        parts = [next(stream) for stream in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert len(ranks[0].loader) == len(single.loader) == 256 // 16
+    with pytest.raises(ConfigError, match=r"data\.batch_size=16 is not allowed with 3 processes"):
+        build_data(_fm(), seed=0, world=3)
+
+
 def test_missing_fashion_mnist_names_paths_and_apt(tmp_path, monkeypatch):
     empty_pkg, empty_cache = tmp_path / "pkg", tmp_path / "cache"
     empty_pkg.mkdir()

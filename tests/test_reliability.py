@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,34 @@ def test_checkpoint_settings_are_validated() -> None:
                              ({"on_nonfinite": "ignore"}, "fail, skip")):
         with pytest.raises(ConfigError, match=fragment):
             CheckpointConfig(**kwargs)
+
+
+class SignalsItself(torch.utils.data.Dataset):
+    """Each item sends SIGUSR2 and SIGTERM to the process that loads it (a DataLoader worker)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return i
+
+
+def test_data_loader_workers_survive_the_stop_signals_the_main_process_handles() -> None:
+    from torch.utils.data import DataLoader
+
+    from wartok.runtime import ignore_stop_signals
+
+    survived = DataLoader(SignalsItself(), batch_size=2, num_workers=1, worker_init_fn=ignore_stop_signals)
+    assert torch.cat(list(survived)).tolist() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="worker"):  # without it the signal kills the worker
+        list(DataLoader(SignalsItself(), batch_size=2, num_workers=1))
+
+
+def test_the_training_loaders_install_the_worker_signal_guard() -> None:
+    from wartok.data import DataConfig, build_data
+    from wartok.runtime import ignore_stop_signals
+
+    bundle = build_data(DataConfig(num_workers=1, train_subset=64, heldout_subset=32), seed=0)
+    assert bundle.train_loader.worker_init_fn is ignore_stop_signals

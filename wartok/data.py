@@ -28,7 +28,9 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
-from wartok.stream import EpochSampler
+from wartok.dist import per_rank_batch
+from wartok.runtime import ignore_stop_signals
+from wartok.stream import EpochSampler, shard
 from wartok.validate import ConfigError, check_choice, check_int
 
 NAMES = ("fashion_mnist", "cifar10", "imagefolder", "imagenet")
@@ -304,12 +306,15 @@ def _loader(ds: Dataset, batch_size: int, cfg: DataConfig, device_type: str, tra
     sampler = EpochSampler(len(ds), seed) if train else None
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, pin_memory=device_type == "cuda",
-                      persistent_workers=cfg.num_workers > 0)
+                      persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
 
 
-def build_data(cfg: DataConfig, seed: int, device_type: str = "cpu") -> DataBundle:
+def build_data(cfg: DataConfig, seed: int, device_type: str = "cpu", rank: int = 0, world: int = 1) -> DataBundle:
     """Data sets and loaders for ``cfg``. The train loader's sampler is an EpochSampler: iterate it
-    through a wartok.stream.BatchStream, whose seed fixes the order (each stage passes its own)."""
+    through a wartok.stream.BatchStream, whose seed fixes the order (each stage passes its own).
+    With world > 1 processes (wartok/dist.py) data.batch_size is the global batch and the train
+    loader yields this rank's slice of it; the held-out loader is the whole split on every rank."""
+    per_rank_batch("data.batch_size", cfg.batch_size, world)  # ConfigError unless divisible
     src = locate(cfg)
     load = {"fashion_mnist": _load_fashion_mnist, "cifar10": _load_cifar10}.get(cfg.name, _load_imagefolder)
     train, heldout, num_classes = load(cfg, src)
@@ -318,9 +323,10 @@ def build_data(cfg: DataConfig, seed: int, device_type: str = "cpu") -> DataBund
     if len(train) < cfg.batch_size:  # drop_last would leave an empty epoch
         raise ConfigError(f"data.batch_size={cfg.batch_size} is not allowed; the training set holds only "
                           f"{len(train)} images and incomplete batches are dropped")
+    train_loader = _loader(train, cfg.batch_size, cfg, device_type, train=True, seed=seed)
     return DataBundle(
         train=train, heldout=heldout,
-        train_loader=_loader(train, cfg.batch_size, cfg, device_type, train=True, seed=seed),
+        train_loader=train_loader if world == 1 else shard(train_loader, rank, world),
         heldout_loader=_loader(heldout, cfg.eval_batch_size, cfg, device_type, train=False, seed=seed),
         num_classes=num_classes, image_size=cfg.image_size, channels=cfg.channels, source=src.folder)
 

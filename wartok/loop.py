@@ -1,5 +1,11 @@
 """The optimisation loop every training stage shares: steps, clipping, schedule, logging,
-checkpoints and exact resume, non-finite steps, and stopping at a step boundary on a signal."""
+checkpoints and exact resume, non-finite steps, and stopping at a step boundary on a signal.
+
+Data-parallel (wartok/dist.py): gradients are averaged over ranks after backward, in this loop
+rather than by wrapping models in DistributedDataParallel, because a stage's step function
+calls several modules and their methods (the tokenizer, its quantizer's similarity, the joint
+baseline's AR in extra_groups), which DDP's forward hooks would not see; one all-reduce over
+everything the optimizer trains covers them all. Only rank 0 logs and saves."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +16,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from wartok.checkpoint import CheckpointConfig, StageCheckpointer, set_rng_state
+from wartok import dist
+from wartok.checkpoint import CheckpointConfig, StageCheckpointer, rng_state, set_rng_state
 from wartok.config import StageConfig
 from wartok.optim import build_optimizer, warmup_cosine
 from wartok.results import ScalarLog
@@ -64,9 +71,10 @@ class Averages:
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def pop(self) -> dict[str, float]:
-        means = {key: (value / self.counts[key]).item() for key, value in self.sums.items()}
+        """The averages since the last pop, and over ranks (each rank averaged its own slices)."""
+        means = dist.all_reduce_mean({key: value / self.counts[key] for key, value in self.sums.items()})
         self.sums, self.counts = {}, {}
-        return means
+        return {key: value.item() for key, value in means.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
@@ -102,13 +110,22 @@ def run_stage(
     saver = None if ctx.checkpoint_dir is None else StageCheckpointer(
         ctx.checkpoint_dir / f"stage_{name}", name, ctx.config, ctx.checkpoint.keep)
     start = 0 if saver is None else resume(saver, objects, ctx)
+    distributed = dist.world_size() > 1
+    if distributed:
+        dist.broadcast_(clipped)  # every rank starts from rank 0's weights, whatever its init did
+        if start == 0:
+            dist.seed_per_rank()  # (a resumed stage restored each rank's own RNG state)
     max_norm = stage.optim.grad_clip if stage.optim.grad_clip > 0 else float("inf")
-    for step in tqdm(range(start, stage.steps), desc=f"stage {name}", disable=None, leave=False):
+    for step in tqdm(range(start, stage.steps), desc=f"stage {name}", disable=None if dist.is_main() else True,
+                     leave=False):
         loss, scalars = step_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        checked, stop = loss.detach(), None  # stop: None reads STOP at the step's end (one process)
+        if distributed:  # the mean gradient; every rank sees the mean loss and any rank's stop request
+            checked, stop = dist.average_gradients(clipped, checked, STOP.is_set())
         grad_norm = torch.nn.utils.clip_grad_norm_(clipped, max_norm)  # inf: measures, scales by exactly 1
-        if not bool(torch.isfinite(loss.detach() + grad_norm)):
+        if not bool(torch.isfinite(checked + grad_norm)):
             skipped = handle_nonfinite(name, step, loss, ctx.checkpoint, skipped)
             optimizer.zero_grad(set_to_none=True)
             schedule.step()  # the schedule stays a function of the step index
@@ -123,9 +140,10 @@ def run_stage(
             last = averages.pop()
             ctx.log.log(name, step + 1, {**last, "lr": schedule.get_last_lr()[0], "nonfinite_skipped": skipped})
         due = ctx.checkpoint.every and (step + 1) % ctx.checkpoint.every == 0
-        if saver is not None and (due or step == stage.steps - 1 or STOP.is_set()):
+        stop = STOP.is_set() if stop is None else stop
+        if saver is not None and (due or step == stage.steps - 1 or stop):
             save(saver, step + 1, objects, ctx)
-        if STOP.is_set() and step < stage.steps - 1:
+        if stop and step < stage.steps - 1:
             raise Interrupted(f"stage {name} stopped at step {step + 1} of {stage.steps} (checkpoint saved)")
     optimizer.zero_grad(set_to_none=True)  # a trained model leaves its stage without stale .grad
     return StageSummary(steps=stage.steps, last=last, nonfinite_skipped=skipped)
@@ -140,8 +158,18 @@ def handle_nonfinite(name: str, step: int, loss: torch.Tensor, cfg: CheckpointCo
 
 
 def save(saver: StageCheckpointer, step: int, objects: dict[str, Any], ctx: StageContext) -> None:
+    """Rank 0 writes; with several ranks it also stores what differs between them (every rank
+    calls this): their RNG states and their not-yet-logged sums, for an exact resume."""
+    ranks = None
+    if dist.world_size() > 1:
+        averages = objects["averages"].state_dict()
+        mine = {"rng": rng_state(), "averages": {"sums": {k: v.cpu() for k, v in averages["sums"].items()},
+                                                 "counts": averages["counts"]}}
+        ranks = dist.all_gather_objects(mine)
+    if not dist.is_main():
+        return
     state = {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
-    saver.save(step, {"objects": state, "log_offset": ctx.log.offset()})
+    saver.save(step, {"objects": state, "log_offset": ctx.log.offset(), **({"ranks": ranks} if ranks else {})})
 
 
 def resume(saver: StageCheckpointer, objects: dict[str, Any], ctx: StageContext) -> int:
@@ -154,6 +182,15 @@ def resume(saver: StageCheckpointer, objects: dict[str, Any], ctx: StageContext)
         if obj is not None:
             obj.load_state_dict(state["objects"][name])
     set_rng_state(state["rng"])
+    ranks = state.get("ranks") or []
+    if dist.world_size() > 1 and len(ranks) == dist.world_size():
+        set_rng_state(ranks[dist.rank()]["rng"])
+        objects["averages"].load_state_dict(ranks[dist.rank()]["averages"])
+    elif dist.world_size() > 1 or ranks:  # the data position counts global batches: resumable all the same
+        dist.warn_main(f"stage {saver.stage}: resuming with {dist.world_size()} processes from a checkpoint of "
+                       f"{max(len(ranks), 1)}; random draws and the next logged averages differ from an "
+                       "uninterrupted run")
+        dist.seed_per_rank()
     return int(state["step"])
 
 

@@ -127,10 +127,15 @@ def read_result(path: Path) -> dict[str, Any]:
 
 
 class ScalarLog:
-    """Appends one JSON line per logged step to scalars.jsonl (flushed, so a killed run keeps its curve)."""
+    """Appends one JSON line per logged step to scalars.jsonl (flushed, so a killed run keeps its curve).
 
-    def __init__(self, path: Path, truncate_to: Optional[int] = None) -> None:
+    path=None: a log that writes nothing, for the ranks other than 0 of a data-parallel run."""
+
+    def __init__(self, path: Optional[Path], truncate_to: Optional[int] = None) -> None:
         """Append to `path`; truncate_to drops what a resumed run logged after its checkpoint."""
+        self.handle = None
+        if path is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_to is not None and path.is_file():
             os.truncate(path, truncate_to)
@@ -138,19 +143,23 @@ class ScalarLog:
 
     def offset(self) -> int:
         """The byte length of the log so far (a checkpoint stores it)."""
+        if self.handle is None:
+            return 0
         self.handle.flush()
         return self.handle.tell()
 
     def log(self, stage: str, step: int, scalars: dict[str, float]) -> None:
-        self.handle.write(json.dumps({"stage": stage, "step": step, **scalars}) + "\n")
+        if self.handle is not None:
+            self.handle.write(json.dumps({"stage": stage, "step": step, **scalars}) + "\n")
 
     def extend(self, path: Path) -> None:
         """Append the lines of another scalars file (a cached stage's curves) to this one."""
-        if path.is_file():
+        if self.handle is not None and path.is_file():
             self.handle.write(path.read_text())
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
     def __enter__(self) -> "ScalarLog":
         return self

@@ -3,6 +3,9 @@
 A bad setting raises ConfigError from `prepare` before the clock starts and before anything
 is written. Once training has begun, any error is recorded as status `failed` with its
 message, and the partial scalars and checkpoints stay beside the result.
+
+A data-parallel run (several processes, see wartok/dist.py) joins its process group here, all
+ranks use rank 0's run folder, and only rank 0 writes result.json.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from wartok import dist
 from wartok.config import RunConfig
 from wartok.loop import STOP, Interrupted
-from wartok.pipeline import prepare, run_pipeline
+from wartok.pipeline import Prepared, prepare, run_pipeline
 from wartok.results import flatten, git_state, package_versions, utc_now, write_result
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -28,7 +32,21 @@ RESULT_NAME = "result.json"
 def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Run the pipeline in `out_dir` and write `out_dir/result.json`; returns the result dict."""
     prep = prepare(cfg)  # ConfigError here: nothing written, no compute spent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dist.init_distributed(prep.device, prep.dist_info)
+    try:
+        return record(prep, out_dir, overrides)
+    finally:
+        dist.cleanup()
+
+
+def record(prep: Prepared, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """execute's body, once the process group (if any) is up."""
+    cfg = prep.cfg
+    # Under torchrun every process's Hydra names its own folder (a timestamp, which may differ
+    # by a second); rank 0's is the run's, so that all ranks resume from the same checkpoints.
+    out_dir = dist.broadcast_object(out_dir)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     commit, dirty = git_state(PACKAGE_ROOT)
     result: dict[str, Any] = {
         "schema_version": 1,
@@ -63,7 +81,8 @@ def execute(cfg: RunConfig, out_dir: Path, overrides: list[str]) -> dict[str, An
         finally:
             result["ended_utc"] = utc_now()
             result["wall_seconds"] = round(time.perf_counter() - start, 3)
-            write_result(out_dir / RESULT_NAME, result)
+            if dist.is_main():
+                write_result(out_dir / RESULT_NAME, result)
     if result["status"] == "interrupted":
         hand_on(received)
     return result

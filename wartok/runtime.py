@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -42,6 +43,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a worker ignores SIGUSR2 and SIGTERM. SLURM and submitit signal
+    every process of a job; the main process must finish its step and checkpoint, which it
+    cannot do if its workers died of the same signal first."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:

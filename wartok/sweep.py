@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from wartok import dist
 from wartok.config import load_run_config, register_configs
 from wartok.launch import register as register_sweepers
 from wartok.run import execute, format_metrics
@@ -58,8 +59,9 @@ def main(cfg: DictConfig) -> float | list[float]:
     except ConfigError as err:
         print(f"wartok: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(format_metrics(result))
-    print(f"result: {out_dir / 'result.json'}")
+    if dist.is_main():  # under DDP every rank returns the result; one prints it
+        print(format_metrics(result))
+        print(f"result: {out_dir / 'result.json'}")
     return objective(result, list(OmegaConf.select(HydraConfig.get(), "sweeper.objectives", default=None) or ["ar_loss"]))
 
 
