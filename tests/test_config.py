@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from wartok.config import RunConfig, load_run_config
+from wartok.config import RunConfig, load_run_config, num_tokens
 from wartok.pipeline import prepare
 from wartok.sweep import CONFIG_DIR, PROJECT_ROOT, compose
 from wartok.validate import ConfigError
@@ -14,7 +14,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (PROJECT_ROOT / "sweeps").glob("*.yaml"))
 GROUP_OPTIONS = [
     ["tokenizer=conv_tiny"], ["tokenizer=conv_small"], ["tokenizer=conv_base"],
-    ["prior=gpt_tiny"], ["prior=gpt_small"], ["prior=gpt_base"],
+    ["tokenizer=conv_base_f8"], ["tokenizer=conv_base_f16"], ["tokenizer=vit1d_tiny"], ["tokenizer=vit1d_base"],
+    ["prior=gpt_tiny"], ["prior=gpt_small"], ["prior=gpt_base"], ["prior=gpt_large"],
     ["data=fashion_mnist"], ["data=cifar10"], ["data=imagefolder", "data.root=/nonexistent"],
 ]
 
@@ -24,7 +25,7 @@ def test_every_experiment_composes(experiment: str) -> None:
     run = load_run_config(compose([f"experiment={experiment}"]))
     assert isinstance(run, RunConfig)
     assert run.prior.vocab_size == run.tokenizer.quantizer.codebook_size
-    assert run.prior.block_size == (run.tokenizer.image_size // run.tokenizer.downsample) ** 2
+    assert run.prior.block_size == num_tokens(run.tokenizer)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
@@ -82,6 +83,9 @@ def _error(overrides: list[str]) -> str:
         (["tvc.prior.tau_mode=adaptive"], ["tvc.prior.tau_mode", "relative", "absolute"]),
         (["tvc.prior.ce.input=gumbel"], ["tvc.prior.ce.input", "st_onehot", "soft"]),
         (["tvc.prior.every=0"], ["tvc.prior.every", ">= 1"]),
+        (["eval.sample_cfg_scale=-1"], ["eval.sample_cfg_scale", ">= 0"]),
+        (["eval.sample_cfg_scale=2"], ["eval.sample_cfg_scale=2", "prior.num_classes=0"]),
+        (["metrics.reference_npz=/nope.npz"], ["metrics.reference_npz=/nope.npz", "does not exist"]),
     ],
     ids=lambda v: v[0] if isinstance(v, list) and v and "=" in v[0] else "",
 )

@@ -5,7 +5,8 @@ and reported as the median of repeated timings, so two commits (or two machines)
 their JSON files. Rows: the stage-C tokenizer step of each method (two_stage, joint, wartok at
 refresh_every 1, 4, 16, and with a sub-batch for its AR passes) with its ratio to two_stage,
 wartok's extra cost split into the two AR forward passes and one tracker refresh, the prior
-train step, and sampling with and without the KV cache. Peak memory is the CUDA allocator's peak on GPUs and the process's peak RSS on CPUs.
+train step, sampling with and without the KV cache, Inception feature extraction, and with
+`--scaling` the step times against codebook size K, sequence length T and batch size. Peak memory is the CUDA allocator's peak on GPUs and the process's peak RSS on CPUs.
 """
 from __future__ import annotations
 
@@ -194,6 +195,33 @@ def run(args: argparse.Namespace) -> list[Row]:
                             max(1, w // 2), max(1, r // 2)))
     if args.fid_images:
         rows.append(fid_row(args.fid_images, device))
+    if args.scaling:
+        rows.extend(scaling_rows(args, device))
+    return rows
+
+
+def scaling_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """How step time grows with the codebook size K, the sequence length T and the batch size B:
+    the prior train step over T and K, wartok's stage-C step over K and B (two_stage beside it)."""
+    w, r, rows = max(1, args.warmup - 1), max(3, args.repeats // 2), []
+    for length in (16, 64, 256):
+        rows.append(measure(f"scaling T: prior train step T={length} (gpt_{args.prior}, K=1024, B=32)", "steps/s", 1,
+                            prior_step(args.prior, 1024, length, 32, device, args.precision), device, w, r))
+    for vocab in (256, 1024, 4096, 16384):
+        rows.append(measure(f"scaling K: prior train step K={vocab} (gpt_{args.prior}, T=64, B=32)", "steps/s", 1,
+                            prior_step(args.prior, vocab, 64, 32, device, args.precision), device, w, r))
+    base = conv_tokenizer_config(args.tokenizer)
+    for vocab in (128, 512, 2048):
+        cfg = dataclasses.replace(base, quantizer=dataclasses.replace(base.quantizer, codebook_size=vocab))
+        tokenizer = ConvTokenizer(cfg).to(device).train()
+        target = GPT(gpt_config(args.prior, vocab, tokenizer.num_tokens)).to(device)
+        rows.append(measure(f"scaling K: stage C step wartok K={vocab} ({args.tokenizer} tok, B=32)", "steps/s", 1,
+                            method_step("wartok", tokenizer, target, 32, device, args.precision), device, w, r))
+    tokenizer, target = tokenizer_setup(args.tokenizer, args.prior, device)
+    for batch in (16, 32, 64):
+        for method in ("two_stage", "wartok"):
+            rows.append(measure(f"scaling B: stage C step {method} B={batch} ({args.tokenizer} tok)", "steps/s", 1,
+                                method_step(method, tokenizer, target, batch, device, args.precision), device, w, r))
     return rows
 
 
@@ -236,6 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--scaling", action="store_true", help="add step time against K, T and batch size")
     parser.add_argument("--json", default=None, help="also write the table here as JSON")
     args = parser.parse_args(argv)
     for name in ("batch", "prior_batch", "samples", "repeats"):

@@ -69,6 +69,8 @@ class EvalConfig:
     sample_temperature: float = 1.0
     sample_top_k: int = 0
     sample_top_p: float = 1.0
+    # classifier-free guidance of a class-conditional prior's samples (1: none; 0: the null class only)
+    sample_cfg_scale: float = 1.0
 
 
 @dataclass
@@ -106,6 +108,11 @@ class RunConfig:
             check_int(f"{stage}.batch_size", getattr(self, stage).batch_size, 1)
         check_int("eval.num_grid_images", self.eval.num_grid_images, 1)
         check_finite("eval.sample_temperature", self.eval.sample_temperature, minimum=0.0, strict=True)
+        check_finite("eval.sample_cfg_scale", self.eval.sample_cfg_scale, minimum=0.0)
+        # prior is None until load_run_config fills it in (dataclasses.replace runs this check again)
+        if self.eval.sample_cfg_scale != 1.0 and self.prior is not None and self.prior.num_classes == 0:
+            raise ConfigError(f"eval.sample_cfg_scale={self.eval.sample_cfg_scale!r} is not allowed with "
+                              "prior.num_classes=0; guidance needs a class-conditional prior (or leave it at 1.0)")
         if PRIOR_KIND[self.method] != "none" and not self.tvc.prior.enabled:
             raise ConfigError(f"tvc.prior.enabled=false is not allowed with method={self.method} "
                               f"(its prior term is {PRIOR_KIND[self.method]}); for no prior term use method=two_stage")
@@ -178,8 +185,8 @@ def load_prior_config(node: Any, tokenizer: Any) -> GPTConfig:
 
 
 def num_tokens(tokenizer_cfg: Any) -> int:
-    side = tokenizer_cfg.image_size // tokenizer_cfg.downsample
-    return side * side
+    """T, the prior's sequence length: (image_size / downsample)^2 for conv, num_tokens for vit1d."""
+    return tokenizer_cfg.num_tokens
 
 
 def tokenizer_options() -> list[str]:

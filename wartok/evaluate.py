@@ -72,17 +72,24 @@ def save_reconstruction_grid(tokenizer: torch.nn.Module, dataset: Dataset, count
 
 @torch.no_grad()
 def save_sample_grid(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int, path: Path,
-                     device: torch.device, temperature: float, top_k: int, top_p: float, seed: int) -> Path:
+                     device: torch.device, temperature: float, top_k: int, top_p: float, seed: int,
+                     cfg_scale: float = 1.0) -> Path:
     """Decoded samples of the evaluation prior (class-balanced labels when it is conditional)."""
     prior.eval()
     tokenizer.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    num_classes = prior.config.num_classes
-    cond = torch.arange(count, device=device) % num_classes if num_classes > 0 else None
-    tokens = generate(prior, count, cond=cond, temperature=temperature, top_k=top_k, top_p=top_p,
-                      generator=generator, device=device)  # (N, T)
+    tokens = generate(prior, count, cond=balanced_labels(prior, 0, count, device), temperature=temperature,
+                      top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=generator, device=device)  # (N, T)
     save_image(to_unit(tokenizer.decode_indices(tokens).float()), path, nrow=8)
     return path
+
+
+def balanced_labels(prior: torch.nn.Module, start: int, count: int, device: torch.device) -> torch.Tensor | None:
+    """Labels of samples start..start+count-1 of a class-balanced set: sample i gets class
+    i mod num_classes, so shards of a sharded gFID together hold the unsharded set's labels.
+    None for an unconditional prior."""
+    num_classes = prior.config.num_classes
+    return torch.arange(start, start + count, device=device) % num_classes if num_classes > 0 else None
 
 
 @torch.no_grad()
@@ -100,18 +107,20 @@ def reconstructions_uint8(tokenizer: torch.nn.Module, dataset: Dataset, batch_si
 @torch.no_grad()
 def samples_uint8(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int, batch_size: int,
                   device: torch.device, precision: str, temperature: float, top_k: int, top_p: float,
-                  seed: int) -> torch.Tensor:
-    """uint8 (count, 3, H, W) decoded samples of the prior, class-balanced when it is conditional."""
+                  seed: int, cfg_scale: float = 1.0, start: int = 0) -> torch.Tensor:
+    """uint8 (count, 3, H, W) decoded samples of the prior, class-balanced when it is conditional.
+
+    `start` numbers the first sample (its label is start mod num_classes): a shard of a sharded
+    gFID (wartok/fid_shards.py) draws samples start..start+count-1 of the whole set."""
     prior.eval()
     tokenizer.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    num_classes = prior.config.num_classes
     out = []
-    for start in range(0, count, batch_size):
-        n = min(batch_size, count - start)
-        cond = (torch.arange(start, start + n, device=device) % num_classes) if num_classes > 0 else None
+    for offset in range(0, count, batch_size):
+        n = min(batch_size, count - offset)
+        cond = balanced_labels(prior, start + offset, n, device)
         with autocast(device, precision):
             tokens = generate(prior, n, cond=cond, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator, device=device)  # (n, T)
+                              cfg_scale=cfg_scale, generator=generator, device=device)  # (n, T)
             out.append(to_uint8(tokenizer.decode_indices(tokens).float()))
     return torch.cat(out)

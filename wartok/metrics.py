@@ -12,7 +12,15 @@ is None with the reason (the weights built offline have none).
 Reference statistics (mu, sigma of the FID features and up to ``KID_REFERENCE_MAX`` feature rows
 for KID) are stored as ``.npz`` (read with ``allow_pickle=False``) under a content key: data set,
 split, image size, channels, count, extractor, weights sha256. A file that does not load or does
-not match its key is rebuilt with a warning. Imports from wartok: ``validate``, ``weights``.
+not match its key is rebuilt with a warning. Imports from wartok: ``validate``, ``weights``, ``runtime``, ``reference_npz``.
+
+A published gFID is computed against a fixed reference, not against whatever training images a
+run loads: ``metrics.reference_npz`` takes an ADM-evaluator-style ``.npz`` (``mu``, ``sigma`` of
+the reference set's FID features, optionally its ``arr_0`` reference images, uint8 NHWC, for
+KID), read with ``allow_pickle=False``. Then no training image is loaded for gFID. Every FID
+entry names its reference (``adm_npz:<sha256>`` or ``train split, N images (<data set>)``) and
+its feature network, so a number can be checked for comparability with a published table.
+Sharded gFID (many jobs, one merged number) is in ``wartok/fid_shards.py``.
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 import torch_fidelity
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -41,6 +49,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from wartok import weights
+from wartok.reference_npz import (NpzReference, check_reference_npz, load_reference_npz, npz_image_shape,
+                                  npz_reference_images)
+from wartok.runtime import ignore_stop_signals
 from wartok.validate import ConfigError, check_int
 
 INCEPTION = "inception-v3-compat"
@@ -80,12 +91,18 @@ class MetricsConfig:
     isc_splits: int = 10
     cache_dir: Optional[str] = None           # None: $WARTOK_CACHE/fid_stats or ~/.cache/wartok/fid_stats
     num_threads: int = 0                      # CPU threads while extracting; 0 = leave torch's default
+    # gFID against a fixed published reference (ADM evaluator's VIRTUAL_imagenet256_labeled.npz...)
+    # instead of the run's training images; None: the training split (reference_samples of it)
+    reference_npz: Optional[str] = None
 
     def __post_init__(self):
         for name in ("enabled", "isc"):
             _check_bool(f"metrics.{name}", getattr(self, name))
         _check_optional_path("metrics.inception_weights", self.inception_weights)
         _check_optional_path("metrics.cache_dir", self.cache_dir)
+        _check_optional_path("metrics.reference_npz", self.reference_npz)
+        if self.reference_npz is not None:
+            check_reference_npz(self.reference_npz)
         if self.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
             raise ConfigError(f"metrics.feature_extractor={self.feature_extractor!r} is not allowed; choose one of: "
                               f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
@@ -136,9 +153,13 @@ def subset_indices(total: int, count: int) -> list[int]:
     return torch.randperm(total, generator=torch.Generator().manual_seed(SELECTION_SEED))[:count].tolist()
 
 
-def dataset_uint8(dataset: Dataset, count: int = 0) -> torch.Tensor:
-    """uint8 (N, 3, H, W) images of a project data set ((image, label) items), subset by subset_indices."""
-    return to_uint8(torch.stack([dataset[i][0] for i in subset_indices(len(dataset), count)]))
+def dataset_uint8(dataset: Dataset, count: int = 0, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images of a project data set ((image, label) items), subset by subset_indices;
+    num_workers > 0 decodes them in worker processes (50k ImageNet JPEGs are minutes for one)."""
+    subset = Subset(dataset, subset_indices(len(dataset), count))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
+    return torch.cat([to_uint8(images) for images, _ in loader])
 
 
 # ----------------------------------------------------------------------------- feature extractor
@@ -352,24 +373,51 @@ def reference_statistics(key: ReferenceKey, images: ImagesOrLoader, cfg: Metrics
     return ref
 
 
+# ----------------------------------------------------------------------------- published references
+def npz_kid_key(ref: NpzReference, count: int, image_size: int) -> ReferenceKey:
+    """The reference-cache key of an .npz's images (their KID features are extracted once)."""
+    return ReferenceKey("adm_npz", ref.sha256[:16], image_size, count, 3, f"adm_npz:{ref.sha256}")
+
+
 # ----------------------------------------------------------------------------- result entries
-def _entry(value: Optional[float], n: int, n_ref: int, ex: Extractor, seed: int, reliable: bool, note: str,
+def _entry(value: Optional[float], n: int, n_ref: Optional[int], ex: Extractor, seed: int, reliable: bool, note: str,
            **extra) -> dict:
     if value is not None and not np.isfinite(value):
         value, reliable, note = None, False, f"non-finite value ({value}); {note}".rstrip("; ")
-    return {"value": None if value is None else float(value), "n": int(n), "n_reference": int(n_ref),
+    return {"value": None if value is None else float(value), "n": int(n),
+            "n_reference": None if n_ref is None else int(n_ref),
             "extractor": ex.name, "weights_sha256": ex.weights_sha256, "torch_fidelity": TORCH_FIDELITY_VERSION,
             "seed": int(seed), "reliable": bool(reliable), "note": note, **extra}
 
 
-def _fid_entry(features: torch.Tensor, ref: Reference, ex: Extractor, seed: int) -> dict:
-    n = len(features)
-    if min(n, ref.n) < 2:
-        return _entry(None, n, ref.n, ex, seed, False, "FID needs at least 2 images on each side")
-    mu, sigma = feature_statistics(features)
-    reliable = min(n, ref.n) >= MIN_FID_SAMPLES
+def feature_network(ex: Extractor) -> str:
+    """Which network and layer produced the features, e.g. 'inception-v3-compat layer 2048, weights sha256 1f3a...'."""
+    return f"{ex.name} layer {ex.fid_layer}, weights sha256 {ex.weights_sha256[:16]}"
+
+
+def key_reference(key: ReferenceKey) -> str:
+    """What an entry computed against real images of a run names as its reference."""
+    return f"{key.split} split, {key.count} images ({key.dataset})"
+
+
+def fid_entry_from_statistics(mu: np.ndarray, sigma: np.ndarray, n: int, ref_mu: np.ndarray, ref_sigma: np.ndarray,
+                              n_ref: Optional[int], ex: Extractor, seed: int, reference: str) -> dict:
+    """The FID entry of samples with statistics (mu, sigma) from n images against a reference of
+    n_ref images (None: unknown, a published .npz); the sharded and unsharded paths share it."""
+    extra = {"reference": reference, "feature_network": feature_network(ex)}
+    if n < 2 or (n_ref is not None and n_ref < 2):
+        return _entry(None, n, n_ref, ex, seed, False, "FID needs at least 2 images on each side", **extra)
+    if mu.shape != ref_mu.shape:
+        raise ValueError(f"FID features are {mu.shape[0]}-d, the reference's {ref_mu.shape[0]}-d")
+    reliable = min(n, n_ref if n_ref is not None else n) >= MIN_FID_SAMPLES
     note = "" if reliable else f"unreliable: FID on fewer than {MIN_FID_SAMPLES} images is biased high"
-    return _entry(frechet_distance(mu, sigma, ref.mu, ref.sigma), n, ref.n, ex, seed, reliable, note)
+    return _entry(frechet_distance(mu, sigma, ref_mu, ref_sigma), n, n_ref, ex, seed, reliable, note, **extra)
+
+
+def _fid_entry(features: torch.Tensor, ref: Reference, ex: Extractor, seed: int, reference: str) -> dict:
+    n = len(features)
+    mu, sigma = feature_statistics(features) if n >= 2 else (ref.mu, ref.sigma)
+    return fid_entry_from_statistics(mu, sigma, n, ref.mu, ref.sigma, ref.n, ex, seed, reference)
 
 
 def _kid_entry(features: torch.Tensor, ref: Reference, ex: Extractor, cfg: MetricsConfig, seed: int) -> dict:
@@ -406,21 +454,69 @@ def reconstruction_metrics(recon: torch.Tensor, real: ImagesOrLoader, cfg: Metri
     ex = load_extractor(cfg, device)
     ref = reference_statistics(reference_key, real, cfg, device, ex)
     feats = extract_features(recon, ex, cfg)
-    return {"rfid": _fid_entry(feats[ex.fid_layer], ref, ex, seed),
+    return {"rfid": _fid_entry(feats[ex.fid_layer], ref, ex, seed, key_reference(reference_key)),
             "rkid": _kid_entry(feats[ex.kid_layer], ref, ex, cfg, seed)}
 
 
 def generation_metrics(samples: torch.Tensor, reference: ImagesOrLoader, cfg: MetricsConfig, seed: int,
                        device: torch.device, reference_key: ReferenceKey) -> dict[str, dict]:
     """{"gfid", "gkid", "is"}: samples (uint8 (N, 3, H, W)) against training images (cached under
-    ``reference_key``; pass a function to load them only on a cache miss)."""
+    ``reference_key``; pass a function to load them only on a cache miss), or, with
+    ``cfg.reference_npz``, against that published reference (the training images are not loaded)."""
     ex = load_extractor(cfg, device, isc=cfg.isc)  # its FID/KID features, and so the cache key, are the same
-    ref = reference_statistics(reference_key, reference, cfg, device, ex)
     feats = extract_features(samples, ex, cfg)
-    n = len(samples)
-    return {"gfid": _fid_entry(feats[ex.fid_layer], ref, ex, seed),
-            "gkid": _kid_entry(feats[ex.kid_layer], ref, ex, cfg, seed),
-            "is": _isc_entry(feats, n, ex, cfg, seed)}
+    return generation_entries(feats, len(samples), gfid_reference(reference, cfg, device, reference_key, ex),
+                              ex, cfg, seed)
+
+
+@dataclass
+class GenerationReference:
+    """What gFID/gKID compare against: FID statistics, KID feature rows (or why there are none)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: Optional[int]                      # images behind mu/sigma; None: unknown (a published .npz)
+    kid_features: Optional[np.ndarray]    # None: no KID (kid_unavailable says why)
+    kid_unavailable: Optional[str]
+    name: str                             # the entries' "reference"
+
+
+def gfid_reference(reference: ImagesOrLoader, cfg: MetricsConfig, device: torch.device, reference_key: ReferenceKey,
+                   ex: Extractor) -> GenerationReference:
+    """The training images' cached statistics, or the .npz of ``cfg.reference_npz``."""
+    if cfg.reference_npz is None:
+        ref = reference_statistics(reference_key, reference, cfg, device, ex)
+        return GenerationReference(ref.mu, ref.sigma, ref.n, ref.kid_features, None, key_reference(reference_key))
+    npz = load_reference_npz(cfg.reference_npz)
+    name = f"adm_npz:{npz.sha256}"
+    if not npz.has_images:
+        return GenerationReference(npz.mu, npz.sigma, None, None,
+                                   f"unavailable: {Path(npz.path).name} holds no arr_0 reference images", name)
+    shape = npz_image_shape(npz)
+    key = npz_kid_key(npz, shape[0], shape[1])
+    kid = reference_statistics(key, lambda: npz_reference_images(npz), cfg, device, ex).kid_features
+    return GenerationReference(npz.mu, npz.sigma, None, kid, None, name)
+
+
+def generation_entries(feats: dict[str, torch.Tensor], n: int, ref: GenerationReference, ex: Extractor,
+                       cfg: MetricsConfig, seed: int, fid_stats: Optional[tuple[np.ndarray, np.ndarray]] = None
+                       ) -> dict[str, dict]:
+    """The gfid/gkid/is entries from the samples' features; ``fid_stats`` (mu, sigma) replaces the
+    FID layer's rows (a merged sharded computation keeps statistics, not rows)."""
+    if ref.mu.shape[0] != (fid_stats[0].shape[0] if fid_stats else feats[ex.fid_layer].shape[1]):
+        raise ConfigError(f"metrics.reference_npz={cfg.reference_npz} is not allowed; its statistics are "
+                          f"{ref.mu.shape[0]}-d, the extractor {ex.name}'s features are not")
+    if fid_stats is None:
+        fid_stats = feature_statistics(feats[ex.fid_layer]) if n >= 2 else (ref.mu, ref.sigma)
+    out = {"gfid": fid_entry_from_statistics(*fid_stats, n, ref.mu, ref.sigma, ref.n, ex, seed, ref.name)}
+    if ref.kid_features is None:
+        out["gkid"] = _entry(None, n, 0, ex, seed, False, ref.kid_unavailable, reason=ref.kid_unavailable,
+                             reference=ref.name)
+    else:
+        kid_ref = Reference(ref.mu, ref.sigma, ref.kid_features, ref.n or len(ref.kid_features), "")
+        out["gkid"] = {**_kid_entry(feats[ex.kid_layer], kid_ref, ex, cfg, seed), "reference": ref.name}
+    out["is"] = _isc_entry(feats, n, ex, cfg, seed)
+    return out
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -4,6 +4,10 @@
 before any compute; `run_pipeline` then trains and measures, writing checkpoints, images and
 per-step scalars into the run folder. Each stage reseeds from the run seed and its own index,
 so stage D's evaluation prior starts from the same weights for every method.
+
+Data-parallel runs (wartok/dist.py): every rank runs this same pipeline on its slices of the
+batches; only rank 0 writes (scalars, checkpoints, images, stage-cache entries) and computes
+the fidelity metrics, whose reference statistics are cached on disk too.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 
 from torch.utils.data import Subset
 
+from wartok import dist
 from wartok.cache import StageCache, default_cache_dir, stage_key
 from wartok.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wartok.config import RunConfig
@@ -31,7 +36,7 @@ from wartok.runtime import configure_backends, maybe_compile, resolve_device, se
 from wartok.validate import ConfigError
 from wartok.weights import resolve_inception_weights
 from wartok.stages import StageContext, train_prior, train_tokenizer
-from wartok.stream import BatchStream
+from wartok.stream import BatchStream, shard
 from wartok.tokens import extract_tokens, token_loader
 
 STAGE_SEED_OFFSET = {"a": 1, "b": 2, "c": 3, "d": 4}
@@ -43,23 +48,31 @@ class Prepared:
     cfg: RunConfig
     device: torch.device
     data: DataBundle
+    dist_info: dist.DistInfo = dist.DistInfo()  # rank and world of a data-parallel run (from the environment)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate what depends on the machine (device, data on disk); raises ConfigError, spends no compute."""
-    device = resolve_device(cfg.device)
+    info = dist.detect()
+    device = dist.local_device(resolve_device(cfg.device), info)
+    for stage in ("stage_b", "stage_d"):
+        dist.per_rank_batch(f"{stage}.batch_size", getattr(cfg, stage).batch_size, info.world_size)
     if cfg.checkpoint.resume and not Path(cfg.checkpoint.resume).is_file():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume} does not exist; give an existing "
                           "checkpoints/stage_<x>/step_<n>.pt file, or leave it unset to resume from the run folder")
     configure_backends(device)
-    data = build_data(cfg.data, seed=cfg.seed, device_type=device.type)
+    data = build_data(cfg.data, seed=cfg.seed, device_type=device.type, rank=info.rank, world=info.world_size)
     if data.image_size != cfg.tokenizer.image_size or data.channels != cfg.tokenizer.in_channels:
         raise ConfigError(
             f"tokenizer.image_size={cfg.tokenizer.image_size} / tokenizer.in_channels={cfg.tokenizer.in_channels} "
             f"must match the data ({data.image_size} px, {data.channels} channels)")
+    if cfg.prior.num_classes and cfg.prior.num_classes != data.num_classes:
+        # class-balanced samples ask for every class the prior knows; classes without data would be noise
+        raise ConfigError(f"prior.num_classes={cfg.prior.num_classes} must equal the data's class count "
+                          f"{data.num_classes} (or be 0: an unconditional prior)")
     if cfg.metrics.enabled and cfg.metrics.feature_extractor == INCEPTION:
         resolve_inception_weights(cfg.metrics.inception_weights)  # no weights: ConfigError naming the fix
-    return Prepared(cfg=cfg, device=device, data=data)
+    return Prepared(cfg=cfg, device=device, data=data, dist_info=info)
 
 
 def stage_seed(cfg: RunConfig, stage: str) -> int:
@@ -75,7 +88,7 @@ def run_pipeline(prep: Prepared, out_dir: Path) -> tuple[dict[str, Any], dict[st
     cfg, device, data = prep.cfg, prep.device, prep.data
     checkpoints = out_dir / "checkpoints"
     resumed_offset = log_offset_to_resume(checkpoints)  # None: a fresh run
-    log = ScalarLog(out_dir / "scalars.jsonl", truncate_to=resumed_offset)
+    log = ScalarLog(out_dir / "scalars.jsonl" if dist.is_main() else None, truncate_to=resumed_offset)
     ctx = StageContext(device=device, precision=cfg.precision, log=log, checkpoint=cfg.checkpoint,
                        checkpoint_dir=checkpoints, config=checkpointed_config(cfg))
     try:
@@ -122,15 +135,19 @@ def shared_stages(cfg: RunConfig, data: DataBundle, ctx: StageContext, out_dir: 
     payload_a = stage_a_settings(cfg, ctx.device)
     payload_b = {"stage_a": stage_key("a", payload_a), **stage_b_settings(cfg)}
 
-    def build_a(folder: Path) -> None:
-        with ScalarLog(folder / "scalars.jsonl") as log:  # a cache build restarts from scratch if killed
+    # folder None: a data-parallel rank other than 0, which trains along and writes nothing
+    def build_a(folder: Optional[Path]) -> None:
+        # a cache build restarts from scratch if killed
+        with ScalarLog(None if folder is None else folder / "scalars.jsonl") as log:
             tokenizer = stage_a(cfg, data, dataclasses.replace(ctx, log=log, checkpoint_dir=None))
-        save_checkpoint(folder / "tokenizer.pt", {"model": tokenizer.state_dict()})
+        if folder is not None:
+            save_checkpoint(folder / "tokenizer.pt", {"model": tokenizer.state_dict()})
 
-    def build_b(folder: Path) -> None:
-        with ScalarLog(folder / "scalars.jsonl") as log:
+    def build_b(folder: Optional[Path]) -> None:
+        with ScalarLog(None if folder is None else folder / "scalars.jsonl") as log:
             target, nll = stage_b(cfg, data, tokenizer, dataclasses.replace(ctx, log=log, checkpoint_dir=None))
-        save_checkpoint(folder / "target_prior.pt", {"model": target.state_dict(), "heldout_nll": nll})
+        if folder is not None:
+            save_checkpoint(folder / "target_prior.pt", {"model": target.state_dict(), "heldout_nll": nll})
 
     tokenizer, hit_a = cache.get_or_build(payload_b["stage_a"], payload_a, build_a,
                                           lambda folder: _load_model(folder / "tokenizer.pt", new_tokenizer(cfg, ctx)))
@@ -192,7 +209,8 @@ def stage_b(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module,
     """The target prior, fitted to the frozen tokens of stage A; returns it and its held-out NLL."""
     seed_everything(stage_seed(cfg, "b"))
     prior = fit_prior("b", cfg, data, tokenizer, cfg.stage_b, ctx)
-    tokens, labels = extract_tokens(tokenizer, data.heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision)
+    tokens, labels = extract_tokens(tokenizer, data.heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision,
+                                    num_workers=cfg.data.num_workers)
     return prior, heldout_nll(prior, tokens, labels, cfg.data.eval_batch_size, ctx.device)
 
 
@@ -218,7 +236,8 @@ def stage_d(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module,
     seed_everything(stage_seed(cfg, "d"))
     tokenizer.eval().requires_grad_(False)
     prior = fit_prior("d", cfg, data, tokenizer, cfg.stage_d, ctx)
-    tokens, labels = extract_tokens(tokenizer, data.heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision)
+    tokens, labels = extract_tokens(tokenizer, data.heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision,
+                                    num_workers=cfg.data.num_workers)
     nll = heldout_nll(prior, tokens, labels, cfg.data.eval_batch_size, ctx.device)
     n_images, n_tokens = len(data.heldout), tokens.numel()
     psnr = reconstruction_psnr(tokenizer, data.heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision)
@@ -230,7 +249,7 @@ def stage_d(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module,
         "codebook_usage": metric(usage["codebook_usage"], n_images),
         "token_perplexity": metric(usage["token_perplexity"], n_images),
     }
-    if cfg.metrics.enabled:
+    if cfg.metrics.enabled and dist.is_main():  # one rank suffices; it writes the reference statistics' cache
         metrics.update(fidelity_metrics(cfg, data, tokenizer, prior, ctx))
     return metrics, prior
 
@@ -247,36 +266,46 @@ def fidelity_metrics(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Modul
     heldout = Subset(data.heldout, subset_indices(len(data.heldout), m.rfid_samples))
     recon = reconstructions_uint8(tokenizer, heldout, cfg.data.eval_batch_size, ctx.device, ctx.precision)
     heldout_key = ReferenceKey(cfg.data.name, "heldout", data.image_size, len(heldout), data.channels, source)
-    out = reconstruction_metrics(recon, lambda: dataset_uint8(heldout), m, seed, ctx.device, heldout_key)
+    workers = cfg.data.num_workers
+    out = reconstruction_metrics(recon, lambda: dataset_uint8(heldout, num_workers=workers), m, seed, ctx.device,
+                                 heldout_key)
     e = cfg.eval
     samples = samples_uint8(tokenizer, prior, m.gfid_samples, cfg.data.eval_batch_size, ctx.device, ctx.precision,
-                            e.sample_temperature, e.sample_top_k, e.sample_top_p, seed)
+                            e.sample_temperature, e.sample_top_k, e.sample_top_p, seed, cfg_scale=e.sample_cfg_scale)
     n_train = len(subset_indices(len(data.train), m.reference_samples))
     train_key = ReferenceKey(cfg.data.name, "train", data.image_size, n_train, data.channels, source)
-    out.update(generation_metrics(samples, lambda: dataset_uint8(data.train, m.reference_samples), m, seed,
-                                  ctx.device, train_key))
+    out.update(generation_metrics(samples, lambda: dataset_uint8(data.train, m.reference_samples, num_workers=workers),
+                                  m, seed, ctx.device, train_key))
     return out
 
 
 def fit_prior(name: str, cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, stage, ctx: StageContext):
     """A fresh prior trained on the frozen tokenizer's training-set tokens."""
     tokens, labels = extract_tokens(tokenizer, data.train, cfg.data.eval_batch_size, ctx.device, ctx.precision,
-                                    desc=f"stage {name} tokens")
+                                    desc=f"stage {name} tokens", num_workers=cfg.data.num_workers)
     prior = GPT(cfg.prior).to(ctx.device)
-    batches = BatchStream(token_loader(tokens, labels, stage.batch_size, seed=0), stage_seed(cfg, name))
+    loader = token_loader(tokens, labels, stage.batch_size, seed=0)
+    if dist.world_size() > 1:  # stage.batch_size is the global batch; this rank trains on its slice
+        loader = shard(loader, dist.rank(), dist.world_size())
+    batches = BatchStream(loader, stage_seed(cfg, name))
     train_prior(name, maybe_compile(prior, cfg.compile), batches, stage, ctx)
     return prior
 
 
 def save_grids(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, prior: torch.nn.Module,
                device: torch.device, out_dir: Path) -> dict[str, str]:
+    if not dist.is_main():
+        return {}
     count = cfg.eval.num_grid_images
     save_reconstruction_grid(tokenizer, data.heldout, count, out_dir / "reconstructions.png", device)
     save_sample_grid(tokenizer, prior, count, out_dir / "samples.png", device, cfg.eval.sample_temperature,
-                     cfg.eval.sample_top_k, cfg.eval.sample_top_p, seed=stage_seed(cfg, "d"))
+                     cfg.eval.sample_top_k, cfg.eval.sample_top_p, seed=stage_seed(cfg, "d"),
+                     cfg_scale=cfg.eval.sample_cfg_scale)
     return {"reconstructions": "reconstructions.png", "samples": "samples.png"}
 
 
 def _save(out_dir: Path, name: str, model: torch.nn.Module, cfg: RunConfig, **extra: Any) -> str:
-    save_checkpoint(out_dir / "checkpoints" / name, {"model": model.state_dict(), "method": cfg.method, **extra})
+    if dist.is_main():
+        state = {"model": model.state_dict(), "method": cfg.method, **extra}
+        save_checkpoint(out_dir / "checkpoints" / name, state)
     return f"checkpoints/{name}"

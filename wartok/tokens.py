@@ -5,17 +5,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from wartok.runtime import autocast
+from wartok.runtime import autocast, ignore_stop_signals
 from wartok.stream import EpochSampler
 
 
 @torch.no_grad()
 def extract_tokens(tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                   precision: str, desc: str = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every image once, in order: returns tokens (N, T) long and labels (N,) long, on the CPU."""
+                   precision: str, desc: str = "tokens", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode every image once, in order: returns tokens (N, T) long and labels (N,) long, on the CPU.
+
+    num_workers > 0 decodes images in worker processes (data.num_workers): an ImageNet split is
+    1.28M JPEGs, hours for the main process alone."""
     was_training = tokenizer.training
     tokenizer.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
     tokens, labels = [], []
     for images, targets in tqdm(loader, desc=desc, disable=None, leave=False):
         with autocast(device, precision):

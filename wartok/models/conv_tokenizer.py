@@ -34,6 +34,11 @@ class ConvTokenizerConfig:
     latent_dim: int = 32
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
+    @property
+    def num_tokens(self) -> int:
+        """T = (image_size / downsample)^2, the prior's sequence length."""
+        return (self.image_size // self.downsample) ** 2
+
     def __post_init__(self) -> None:
         # accept plain containers (e.g. from a YAML loader) for the nested fields
         if isinstance(self.quantizer, dict):
@@ -199,23 +204,34 @@ class ConvTokenizer(nn.Module):
         return TokenizerOutput(recon=self.decode(quant.quantized), z_hat=z_hat, quant=quant)
 
 
-def _preset(channels: List[int], num_res_blocks: int, latent_dim: int, codebook_size: int) -> Callable[[], ConvTokenizerConfig]:
+def _preset(channels: List[int], num_res_blocks: int, latent_dim: int, codebook_size: int, image_size: int = 32,
+            downsample: int = 4, distance: str = "l2") -> Callable[[], ConvTokenizerConfig]:
     def make() -> ConvTokenizerConfig:
         return ConvTokenizerConfig(
-            image_size=32, downsample=4, channels=list(channels), num_res_blocks=num_res_blocks,
-            latent_dim=latent_dim, quantizer=QuantizerConfig(codebook_size=codebook_size, dim=latent_dim))
+            image_size=image_size, downsample=downsample, channels=list(channels), num_res_blocks=num_res_blocks,
+            latent_dim=latent_dim,
+            quantizer=QuantizerConfig(codebook_size=codebook_size, dim=latent_dim, distance=distance))
     return make
 
 
-# size registry: 32x32 images, downsample 4 -> 64 tokens in every preset
+# size registry. tiny/small/base: 32x32 images, downsample 4 -> 64 tokens. The f8/f16 presets are
+# the ImageNet recipes' (configs/experiment/imagenet{64,256}.yaml): LlamaGen's VQ-16 layout
+# (widths 128-128-256-256-512, two residual blocks per level) without its attention blocks, with
+# its 8-d l2-normalised (cosine) codes, which keep a large codebook in use.
 PRESETS: Dict[str, Callable[[], ConvTokenizerConfig]] = {
     "tiny": _preset([16, 32, 32], num_res_blocks=1, latent_dim=8, codebook_size=32),      # tests
     "small": _preset([64, 128, 128], num_res_blocks=1, latent_dim=32, codebook_size=256),  # CPU experiments
     "base": _preset([128, 256, 256], num_res_blocks=2, latent_dim=64, codebook_size=1024),  # GPUs, the paper's K
+    # 64x64 -> 8x8 = 64 tokens, K=4096: class-conditional ImageNet at CIFAR-10's sequence length
+    "base_f8": _preset([128, 128, 256, 256], num_res_blocks=2, latent_dim=8, codebook_size=4096, image_size=64,
+                       downsample=8, distance="cosine"),
+    # 256x256 -> 16x16 = 256 tokens, K=16384: the paper's ImageNet setting (LlamaGen VQ-16's K and grid)
+    "base_f16": _preset([128, 128, 256, 256, 512], num_res_blocks=2, latent_dim=8, codebook_size=16384,
+                        image_size=256, downsample=16, distance="cosine"),
 }
 
 
 def conv_tokenizer_config(size: str) -> ConvTokenizerConfig:
-    """A fresh config of a named size ("tiny", "small", "base")."""
+    """A fresh config of a named preset ("tiny", "small", "base", "base_f8", "base_f16")."""
     check_choice("tokenizer.size", size, PRESETS)
     return PRESETS[size]()

@@ -275,10 +275,11 @@ PRESETS: Dict[str, Callable[..., GPTConfig]] = {
     "tiny": _preset(2, 2, 64),     # tests
     "small": _preset(4, 4, 256),   # CPU experiments
     "base": _preset(12, 12, 768),  # GPT-B scale
+    "large": _preset(24, 16, 1024),  # GPT-L scale (LlamaGen's GPT-L width and depth): `prior=gpt_large`
 }
 
 
 def gpt_config(size: str, vocab_size: int, block_size: int, num_classes: int = 0) -> GPTConfig:
-    """A fresh config of a named size ("tiny", "small", "base") for a given token space."""
+    """A fresh config of a named size ("tiny", "small", "base", "large") for a given token space."""
     check_choice("gpt.size", size, PRESETS)
     return PRESETS[size](vocab_size, block_size, num_classes)
