@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,7 +40,7 @@ from wartok.evaluate import samples_uint8
 from wartok.metrics import Extractor, MetricsConfig, ReferenceKey
 from wartok.models import GPT, TOKENIZERS
 from wartok.pipeline import stage_seed
-from wartok.results import atomic_write_text
+from wartok.results import atomic_write_text, atomic_writer
 from wartok.runtime import resolve_device
 from wartok.validate import ConfigError
 
@@ -102,24 +100,14 @@ def shard_statistics(samples: torch.Tensor, cfg: MetricsConfig, device: torch.de
 
 def save_shard(path: Path, stats: ShardStatistics) -> Path:
     """Atomically (temp file, fsync, rename), as an .npz of plain arrays (no pickles)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"shard": np.int64(stats.shard), "num_shards": np.int64(stats.num_shards), "total": np.int64(stats.total),
               "start": np.int64(stats.start), "n": np.int64(stats.n), "mean": stats.mean, "scatter": stats.scatter,
               "kid_features": stats.kid_features, "identity": np.str_(stats.identity)}
     if stats.isc_features is not None:
         arrays["isc_features"] = stats.isc_features
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_writer(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
 def load_shard(path: Path) -> ShardStatistics:

@@ -29,9 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -51,6 +49,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from wartok import weights
 from wartok.reference_npz import (NpzReference, check_reference_npz, load_reference_npz, npz_image_shape,
                                   npz_reference_images)
+from wartok.results import atomic_writer
 from wartok.runtime import ignore_stop_signals
 from wartok.validate import ConfigError, check_int
 
@@ -339,18 +338,9 @@ def _load_reference(path: Path, identity: str) -> Optional[Reference]:
 
 def _save_reference(path: Path, ref: Reference) -> None:
     """Atomically: a temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=ref.mu, sigma=ref.sigma, kid_features=ref.kid_features, n=np.int64(ref.n),
-                     identity=np.str_(ref.identity))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as f:
+        np.savez(f, mu=ref.mu, sigma=ref.sigma, kid_features=ref.kid_features, n=np.int64(ref.n),
+                 identity=np.str_(ref.identity))
 
 
 def reference_statistics(key: ReferenceKey, images: ImagesOrLoader, cfg: MetricsConfig, device: torch.device,

@@ -6,6 +6,7 @@ checked by `validate_result`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Iterator, Optional
 
 SCHEMA_VERSION = 1
 STATUSES = ("completed", "failed", "interrupted")
@@ -45,19 +46,30 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: str = "w", perms: Optional[int] = None) -> Iterator[IO]:
+    """A handle on a hidden temp file beside `path`; when the block ends it is fsynced and renamed
+    over `path`, so readers see the old file or the new one, never half. On any error (a full
+    disk, a kill signal turned exception) the temp file is removed and `path` is untouched."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        if perms is not None:
+            os.fchmod(fd, perms)
+        with os.fdopen(fd, mode) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_writer(path) as handle:
+        handle.write(text)
 
 
 def package_versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ Weights are looked up (``resolve_inception_weights``) in this order: the config 
 file in the cache, torch-fidelity's own file (already downloaded, or downloaded now when the
 machine is online), else a ConfigError that names the command or setting that fixes it. Every
 file is read with ``torch.load(..., weights_only=True)``: a pickle that would run code is refused.
-This module imports nothing from wartok but ``validate`` (a leaf).
+This module imports nothing from wartok but the leaves ``validate`` and ``results`` (its atomic writer).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from wartok.results import atomic_writer
 from wartok.validate import ConfigError
 
 CACHE_ENV = "WARTOK_CACHE"
@@ -87,18 +88,8 @@ def _read_sidecar(path: Path) -> Optional[str]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb", perms=0o644) as f:
+        f.write(data)
 
 
 def _built_file_ok(path: Path) -> Optional[str]:
