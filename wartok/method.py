@@ -73,8 +73,14 @@ class WGFTerm:
             "tau_eff": tau_eff.detach(),
         }
 
-    def after_step(self, step: int) -> dict[str, torch.Tensor]:
-        tokens, labels = self._last
+    def upkeep_batch(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (tokens, labels) of the last step, which after_step trains the tracker/target on."""
+        return self._last
+
+    def after_step(self, step: int, batch: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+                   ) -> dict[str, torch.Tensor]:
+        """Tracker/target upkeep on `batch` (default: this step's tokens; DDP passes the global batch)."""
+        tokens, labels = batch or self._last
         return self.models.after_step(step, tokens, labels)
 
     def param_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:

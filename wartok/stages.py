@@ -45,7 +45,7 @@ def train_tokenizer(name: str, tokenizer: torch.nn.Module, batches: BatchStream,
     step_fn = tokenizer_step_fn(tokenizer, batches, tvc, ctx, prior_term)
     groups = [] if prior_term is None else prior_term.param_groups()
     after = None if prior_term is None else prior_term.after_step
-    if after is not None and dist.world_size() > 1 and hasattr(prior_term, "_last"):
+    if after is not None and dist.world_size() > 1 and hasattr(prior_term, "upkeep_batch"):
         after = upkeep_on_global_batch(prior_term, ctx.device)
     stateful = {"model": tokenizer, "batches": batches, "prior_term": prior_term}
     return run_stage(name, tokenizer.parameters(), stage, step_fn, ctx, groups, after, stateful)
@@ -56,16 +56,15 @@ def upkeep_on_global_batch(prior_term: Any, device: torch.device) -> AfterStepFn
     its own optimizers, outside the loop's gradient averaging. On the whole global batch,
     gathered in rank order (= the one-process batch), and with random draws (the ARs' dropout)
     seeded alike on every rank by (a number drawn here, before the loop seeds per rank, and the
-    step), every rank keeps the same AR models, and a resumed stage draws the same numbers.
-    (It swaps the term's `_last` tokens; the term could expose a hook for this instead.)"""
+    step), every rank keeps the same AR models, and a resumed stage draws the same numbers."""
     base = int(torch.randint(2**31 - 1, ()))  # from the stage's stream, the same on every rank
 
     def after(step: int) -> dict[str, torch.Tensor]:
-        tokens, labels = prior_term._last
-        prior_term._last = (dist.all_gather_cat(tokens), dist.all_gather_cat(labels))
+        tokens, labels = prior_term.upkeep_batch()
+        batch = (dist.all_gather_cat(tokens), dist.all_gather_cat(labels))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(base + step)
-            return prior_term.after_step(step)
+            return prior_term.after_step(step, batch)
 
     return after
 
