@@ -211,3 +211,34 @@ def test_registered_as_a_tokenizer_and_a_hydra_option():
     assert (load_tokenizer_config(node).norm, load_tokenizer_config(node).mlp) == ("rms", "geglu")
     with pytest.raises(ConfigError, match=r"tokenizer\.encoder_heads=3 .*must divide 32"):
         load_tokenizer_config(compose(["tokenizer=vit1d_tiny", "tokenizer.encoder_heads=3"]).tokenizer)
+
+
+def test_each_method_runs_end_to_end_on_the_vit1d_tokenizer(tmp_path):
+    """The real entry point, tokenizer=vit1d_tiny, two_stage / joint / wartok as one multirun on
+    Fashion-MNIST: the priors read the 64 latent tokens in their 1D order (T = num_latent_tokens),
+    and wartok's signal runs on the transformer's assignment logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from wartok.results import read_result
+    from wartok.sweep import PROJECT_ROOT
+
+    sweep_dir = tmp_path / "vit1d"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wartok.sweep", "-m", "experiment=smoke", "tokenizer=vit1d_tiny", "device=cpu",
+         "method=two_stage,joint,wartok", "metrics.enabled=false", "stage_a.steps=4", "stage_b.steps=3",
+         "stage_c.steps=3", "stage_d.steps=3", "stage_c.log_every=1", "data.train_subset=128",
+         "data.heldout_subset=64", "eval.num_grid_images=4", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=PROJECT_ROOT, env={**os.environ, "WARTOK_CACHE": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = vit1d_tokenizer_config("tiny").num_tokens
+    for job, method in enumerate(("two_stage", "joint", "wartok")):
+        result = read_result(sweep_dir / str(job) / "result.json")
+        assert result["status"] == "completed" and result["method"] == method
+        assert result["metrics"]["ar_loss"]["n"] == 64 * tokens  # every held-out latent token scored
+        lines = [json.loads(line) for line in (sweep_dir / str(job) / "scalars.jsonl").read_text().splitlines()]
+        stage_c = [line for line in lines if line["stage"] == "c"]
+        assert stage_c and ("delta_abs" in stage_c[-1]) == (method == "wartok")
