@@ -5,19 +5,20 @@ The ADM evaluator's reference batches (``VIRTUAL_imagenet256_labeled.npz`` ...) 
 set, and ``arr_0``, reference images (N, H, W, 3) uint8, for the other metrics. Files are read
 with ``allow_pickle=False``; a wrong file is refused with one ConfigError line, checked from the
 arrays' headers only (cheap enough for config validation). A file is named by its sha256, which
-the FID entries record. Imports from wartok: ``validate``.
+the FID entries record. Imports from wartok: ``validate``, ``weights`` (its sha256).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 
 from wartok.validate import ConfigError
+from wartok.weights import sha256_file
 
 
 def _npz_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -72,11 +73,8 @@ class NpzReference:
 
 @functools.lru_cache(maxsize=2)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of the file, recomputed only when its size or mtime changes (the key)."""
+    return sha256_file(path)
 
 
 def load_reference_npz(path: str) -> NpzReference:
