@@ -181,3 +181,23 @@ def test_a_storage_password_never_reaches_a_file_or_the_output(tmp_path: Path) -
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "multirun.yaml" for p in written)
     assert [str(p) for p in written if secret.encode() in p.read_bytes()] == []
+
+
+@pytest.mark.parametrize(("study", "narrowed"), [
+    ("baselines", ["seed=0"]),  # 3 methods, plus the two-stage frontier grid (its own seeds win): 11 jobs
+    ("tracker_refresh", ["tvc.prior.tracker.refresh_every=1,4", "seed=0"]),
+    ("codebook_size", ["tokenizer.quantizer.codebook_size=16", "seed=0"]),
+    ("seeds", ["seed=0,1"]),
+])
+def test_every_grid_study_runs_on_the_smoke_experiment(study: str, narrowed: list[str], tmp_path: Path) -> None:
+    """Each study file of sweeps/ (wgf_weight and optuna_tvc are run above) as its users run it,
+    on the smoke experiment, its grid narrowed from the command line: every job completes and
+    the sweep's summary counts them."""
+    sweep_dir = tmp_path / study
+    proc = sweep([f"sweeps={study}", *SMALL, *narrowed, f"hydra.sweep.dir={sweep_dir}"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = [status for status, _ in run_ids(sweep_dir).values()]
+    expected = {"baselines": 3 + 4 * 2, "tracker_refresh": 2, "codebook_size": 2, "seeds": 2}[study]
+    assert statuses == ["completed"] * expected
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert summary["status_counts"] == {"completed": expected}

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from wartok.metrics import to_uint8
 from wartok.models.sample import generate
@@ -98,7 +99,8 @@ def reconstructions_uint8(tokenizer: torch.nn.Module, dataset: Dataset, batch_si
     """uint8 (N, 3, H, W) reconstructions of every image of `dataset`, in order."""
     tokenizer.eval()
     out = []
-    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for images, _ in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc="reconstructing for rFID",
+                          disable=None, leave=False):
         with autocast(device, precision):
             out.append(to_uint8(tokenizer(images.to(device)).recon.float()))
     return torch.cat(out)
@@ -116,7 +118,7 @@ def samples_uint8(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int
     tokenizer.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for offset in range(0, count, batch_size):
+    for offset in tqdm(range(0, count, batch_size), desc="sampling for gFID", disable=None, leave=False):
         n = min(batch_size, count - offset)
         cond = balanced_labels(prior, start + offset, n, device)
         with autocast(device, precision):
