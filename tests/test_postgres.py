@@ -110,3 +110,30 @@ def test_two_launchers_share_one_study_and_resume_it_without_leaking_the_passwor
     assert leaks == []
     assert not any(PASSWORD in out for out in outputs)
     assert "wartok:***@127.0.0.1" in outputs[0]  # the log names the storage, password hidden
+
+
+def _open(url: str, barrier) -> int:
+    from wartok.optuna_resume import create_or_load_study
+
+    barrier.wait()  # imports done in every process: all create the schema at the same instant
+    study = create_or_load_study("race", url, optuna.samplers.TPESampler(seed=0), ["minimize"])
+    return len(study.trials)
+
+
+def test_sweeps_starting_together_on_a_fresh_database_all_open_the_study(storage_url: str) -> None:
+    """Several sweeps launched at once race to create Optuna's schema in an empty database; the
+    losers of that race get a duplicate-object error, which create_or_load_study retries."""
+    import multiprocessing
+
+    import psycopg2
+
+    base = storage_url.replace("postgresql+psycopg2", "postgresql").rsplit("/", 1)[0]
+    conn = psycopg2.connect(base + "/postgres")
+    conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+    conn.cursor().execute("CREATE DATABASE fresh_race")
+    conn.close()
+    url = storage_url.rsplit("/", 1)[0] + "/fresh_race"
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(4) as pool:
+        barrier = manager.Barrier(4)
+        assert pool.starmap(_open, [(url, barrier)] * 4) == [0, 0, 0, 0]

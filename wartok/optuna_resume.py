@@ -25,10 +25,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
@@ -81,8 +83,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
     def open_study(self, url: str, directions: list[str]) -> optuna.Study:
         if isinstance(self.sampler, functools.partial):
             raise HydraException("the grid sampler is not supported here; use hydra/sweeper=resumable_grid for grids")
-        study = optuna.create_study(study_name=self.study_name, storage=url, sampler=self.sampler,
-                                    directions=directions, load_if_exists=True)
+        study = create_or_load_study(self.study_name, url, self.sampler, directions)
         if [d.name.lower() for d in study.directions] != [d.lower() for d in directions]:
             raise HydraException(f"study {self.study_name!r} exists with directions "
                                  f"{[d.name.lower() for d in study.directions]}, not {directions}: "
@@ -173,6 +174,22 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             content = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values} for t in best]}
         OmegaConf.save(OmegaConf.create(content), sweep_dir / "optimization_results.yaml")
         log.info(f"Best: {content}")
+
+
+def create_or_load_study(name: str, url: str, sampler: Any, directions: list[str], attempts: int = 5) -> optuna.Study:
+    """optuna.create_study(load_if_exists=True), retried when several sweeps start together on a
+    fresh database: each creates Optuna's schema (tables, PostgreSQL enum types), and the losers
+    of that race get a duplicate-object error; on retry they find the schema and the study."""
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(study_name=name, storage=url, sampler=sampler, directions=directions,
+                                       load_if_exists=True)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt == attempts - 1:
+                raise
+            log.warning(f"creating the study's storage raced another sweep ({type(err).__name__}); retrying")
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def counted(study: optuna.Study) -> list:
