@@ -71,6 +71,10 @@ class EvalConfig:
     sample_top_p: float = 1.0
     # classifier-free guidance of a class-conditional prior's samples (1: none; 0: the null class only)
     sample_cfg_scale: float = 1.0
+    # gFID sampling through the static KV cache, replayed as one CUDA graph per step on GPUs (the
+    # same tokens as the dynamic cache; on the CPU it runs the static code eagerly). Off by
+    # default until it has run on a GPU in this project's tests (tests/test_static_decode.py -m gpu).
+    sample_cuda_graph: bool = False
 
 
 @dataclass
@@ -81,6 +85,9 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    # conv weights and activations in NHWC: the layout cuDNN's bf16/TF32 tensor-core kernels
+    # want (no transposes around every conv); on this project's CPU it measured neutral
+    channels_last: bool = True
     reuse_stages: bool = True  # take stages A and B from the content-addressed stage cache
     cache_dir: Optional[str] = None  # the stage cache; None: $WARTOK_CACHE/stages or ~/.cache/wartok/stages
     data: DataConfig = field(default_factory=DataConfig)

@@ -109,7 +109,7 @@ def reconstructions_uint8(tokenizer: torch.nn.Module, dataset: Dataset, batch_si
 @torch.no_grad()
 def samples_uint8(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int, batch_size: int,
                   device: torch.device, precision: str, temperature: float, top_k: int, top_p: float,
-                  seed: int, cfg_scale: float = 1.0, start: int = 0) -> torch.Tensor:
+                  seed: int, cfg_scale: float = 1.0, start: int = 0, cuda_graph: bool = False) -> torch.Tensor:
     """uint8 (count, 3, H, W) decoded samples of the prior, class-balanced when it is conditional.
 
     `start` numbers the first sample (its label is start mod num_classes): a shard of a sharded
@@ -123,6 +123,6 @@ def samples_uint8(tokenizer: torch.nn.Module, prior: torch.nn.Module, count: int
         cond = balanced_labels(prior, start + offset, n, device)
         with autocast(device, precision):
             tokens = generate(prior, n, cond=cond, temperature=temperature, top_k=top_k, top_p=top_p,
-                              cfg_scale=cfg_scale, generator=generator, device=device)  # (n, T)
+                              cfg_scale=cfg_scale, cuda_graph=cuda_graph, generator=generator, device=device)  # (n, T)
             out.append(to_uint8(tokenizer.decode_indices(tokens).float()))
     return torch.cat(out)

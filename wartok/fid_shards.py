@@ -226,7 +226,8 @@ def run_shard(run_dir: Path, shard: int, num_shards: int, overrides: Sequence[st
     e = cfg.eval
     samples = samples_uint8(tokenizer, prior, stop - start, cfg.data.eval_batch_size, device, cfg.precision,
                             e.sample_temperature, e.sample_top_k, e.sample_top_p,
-                            eval_seed(cfg) + SHARD_SEED_STRIDE * shard, cfg_scale=e.sample_cfg_scale, start=start)
+                            eval_seed(cfg) + SHARD_SEED_STRIDE * shard, cfg_scale=e.sample_cfg_scale, start=start,
+                            cuda_graph=e.sample_cuda_graph)
     stats = shard_statistics(samples, cfg.metrics, device, shard, num_shards, total, run_tag(cfg, run_dir))
     return save_shard(shard_path(run_dir, shard, num_shards), stats)
 

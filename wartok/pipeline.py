@@ -179,7 +179,10 @@ def stage_b_settings(cfg: RunConfig) -> dict[str, Any]:
 
 def new_tokenizer(cfg: RunConfig, ctx: StageContext) -> torch.nn.Module:
     _, tokenizer_cls = TOKENIZERS[cfg.tokenizer.name]
-    return tokenizer_cls(cfg.tokenizer).to(ctx.device)
+    tokenizer = tokenizer_cls(cfg.tokenizer).to(ctx.device)
+    # a layout, not a setting of the model: it changes float rounding only, so it is not in the
+    # stage-cache key (a loaded state dict is copied into these NHWC parameters as it is)
+    return tokenizer.to(memory_format=torch.channels_last) if cfg.channels_last else tokenizer
 
 
 def _load_model(path: Path, model: torch.nn.Module) -> torch.nn.Module:
@@ -271,7 +274,8 @@ def fidelity_metrics(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Modul
                                  heldout_key)
     e = cfg.eval
     samples = samples_uint8(tokenizer, prior, m.gfid_samples, cfg.data.eval_batch_size, ctx.device, ctx.precision,
-                            e.sample_temperature, e.sample_top_k, e.sample_top_p, seed, cfg_scale=e.sample_cfg_scale)
+                            e.sample_temperature, e.sample_top_k, e.sample_top_p, seed, cfg_scale=e.sample_cfg_scale,
+                            cuda_graph=e.sample_cuda_graph)
     n_train = len(subset_indices(len(data.train), m.reference_samples))
     train_key = ReferenceKey(cfg.data.name, "train", data.image_size, n_train, data.channels, source)
     out.update(generation_metrics(samples, lambda: dataset_uint8(data.train, m.reference_samples, num_workers=workers),

@@ -5,6 +5,7 @@ import contextlib
 import os
 import random
 import signal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ def configure_backends(device: torch.device) -> None:
     denormals to zero: early in training the conv tokenizer's activations and gradients hit
     denormal floats and a step ran 4x slower on this project's CPU (measured in stage A)."""
     torch.set_flush_denormal(True)
+    threads_from_scheduler()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -53,6 +55,28 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """torch.compile when asked (inductor; on the CPU the first call compiles for ~15 s)."""
-    return torch.compile(module) if enabled else module
+def maybe_compile(module: torch.nn.Module, enabled: bool, backend: str | Callable = "inductor") -> torch.nn.Module:
+    """Compile the module's forward in place when asked, and return the module.
+
+    In place (`nn.Module.compile`), so the state dict keeps its keys and a checkpoint written by
+    a compiled run loads into an eager one. A frame the backend fails on (no C++ toolchain, an
+    op inductor cannot lower) falls back to eager for that frame, with dynamo's warning in the
+    log, instead of ending a run that would train correctly, only slower. The first compiled
+    call of a shape takes seconds to a minute (~15 s for the smoke models on a 2-core CPU).
+    """
+    if not enabled:
+        return module
+    import torch._dynamo  # noqa: F401  (imported here: it costs ~1 s and most runs never compile)
+
+    torch._dynamo.config.suppress_errors = True  # a failed compile means eager, not a crash
+    module.compile(backend=backend)
+    return module
+
+
+def threads_from_scheduler() -> None:
+    """Under SLURM, use the CPUs the job was given, not every core of the node: without
+    cgroups torch sees all cores, and jobs sharing a node would oversubscribe it.
+    An explicit OMP_NUM_THREADS wins."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ and cpus.isdigit() and int(cpus) > 0:
+        torch.set_num_threads(int(cpus))

@@ -115,7 +115,8 @@ class ReplayBuffer:
 
 
 def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel per step on GPUs, as build_optimizer
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused)
 
 
 def _mle_step(model: GPT, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,

@@ -7,7 +7,16 @@ table with num_classes + 1 rows whose last row is the null (unconditional) class
 num_classes = 0 it is a single learned start embedding.
 
 Incremental decoding: `new_cache(batch)` gives a KVCache preallocated to block_size;
-`decode_step(prev, cond, cache, pos)` feeds one position. Sampling lives in sample.py.
+`decode_step(prev, cond, cache, pos)` feeds one position. Its shapes grow with pos (keys
+[0, pos]), which is simplest on the CPU but cannot be replayed as a CUDA graph.
+
+Static-shape decoding: `static_step(x, cache, pos)` takes pos as a 0-dim long tensor on the
+model's device and a cache whose buffers were allocated up front (`KVCache.allocate`). Every
+shape is independent of pos: keys/values go into slot pos of the full (B, nh, block_size, hs)
+buffers with index_copy_, attention runs over all block_size slots with the mask slot <= pos,
+and position tables are read with index_select. A CUDA graph replays fixed kernels on fixed
+buffers, so nothing in the step may depend on pos through a shape, an allocation or a Python
+branch on a tensor value; static_decode.py captures this step. Sampling lives in sample.py.
 """
 from __future__ import annotations
 
@@ -63,17 +72,38 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer keys/values, preallocated to block_size (static shapes for CUDA graphs later).
+    """Per-layer keys/values, preallocated to block_size.
 
-    Storage is allocated on the first write of each layer, in the dtype of the incoming keys,
-    so the cache follows autocast. `write` stores positions [start, start + T) and returns the
-    keys/values of positions [0, start + T).
+    Dynamic use (`write`): storage is allocated on the first write of each layer, in the dtype
+    of the incoming keys, so the cache follows autocast; `write` stores positions
+    [start, start + T) and returns the keys/values of positions [0, start + T).
+
+    Static use (`allocate`, then `write_at`): all layers are allocated and zeroed before the
+    first step, because an allocation inside a captured CUDA graph would be replayed as a
+    zero-fill on every step; `write_at` stores one position given as a tensor and returns the
+    full buffers, so shapes never change.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int):
         self.shape = (batch_size, n_head, block_size, head_size)
         self.k: list[Optional[torch.Tensor]] = [None] * n_layer
         self.v: list[Optional[torch.Tensor]] = [None] * n_layer
+        self.slots: Optional[torch.Tensor] = None  # (block_size,) slot indices, set by allocate
+
+    def allocate(self, dtype: torch.dtype, device: torch.device) -> "KVCache":
+        """Allocate every layer now (zeros, `dtype` on `device`); returns self."""
+        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in self.k]
+        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in self.v]
+        self.slots = torch.arange(self.shape[2], device=device)
+        return self
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, 1, hs) in slot pos (0-dim long tensor); returns the full buffers
+        (B, nh, block_size, hs). Slots after pos hold stale or zero values: mask them."""
+        self.k[layer].index_copy_(2, pos.view(1), k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, pos.view(1), v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
@@ -109,11 +139,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional[KVCache], start: int) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self._qkv(x)  # (B, nh, T, hs)
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -129,6 +163,19 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward_static(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                       cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One position x (B, 1, C) at pos (0-dim tensor); rope: cos/sin rows (1, hs/2) of pos;
+        mask (1, block_size) True for slots <= pos. Shapes do not depend on pos."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)  # (B, nh, 1, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.write_at(self.layer, pos, k, v)  # (B, nh, block_size, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)  # (B, nh, 1, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, 1, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -153,6 +200,10 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None, start: int = 0):
         x = x + self.attn(self.ln_1(x), rope, cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_static(self, x, rope, cache, pos, mask):
+        x = x + self.attn.forward_static(self.ln_1(x), rope, cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -256,12 +307,37 @@ class GPT(nn.Module):
         pos = 0 feeds sos(cond) (prev is ignored; B is the cache's batch size);
         pos > 0 feeds prev = h_{pos-1} (B,). Positions must be fed in order 0, 1, 2, ...
         """
+        return self._trunk(self.step_inputs(prev, cond, cache.shape[0], pos), pos, cache)[:, -1]
+
+    def step_inputs(self, prev: Optional[torch.Tensor], cond: Optional[torch.Tensor],
+                    batch_size: int, pos: int) -> torch.Tensor:
+        """Input embedding (B, 1, C) of position pos: sos(cond) at 0, else tok_emb(prev), prev (B,)."""
         if pos == 0:
-            labels = self._labels(cond, cache.shape[0], self.cls_emb.weight.device)
-            x = self.cls_emb(labels)[:, None]  # (B, 1, C)
-        else:
-            x = self.tok_emb(prev)[:, None]  # (B, 1, C)
-        return self._trunk(x, pos, cache)[:, -1]
+            labels = self._labels(cond, batch_size, self.cls_emb.weight.device)
+            return self.cls_emb(labels)[:, None]  # (B, 1, C)
+        return self.tok_emb(prev)[:, None]  # (B, 1, C)
+
+    def static_step(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) for one input embedding x (B, 1, C) at position pos, a 0-dim long
+        tensor on the model's device, through an allocated cache (`KVCache.allocate`).
+
+        The same result as decode_step, but no shape, allocation size or branch depends on the
+        value of pos, so the call can be captured once as a CUDA graph and replayed for every
+        position (see static_decode.py). Positions must be fed in order 0, 1, 2, ...
+        """
+        if cache.slots is None:
+            raise RuntimeError("static_step needs a cache allocated with KVCache.allocate(dtype, device)")
+        idx = pos.view(1)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight.index_select(0, idx)  # (B, 1, C) + (1, C)
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos.index_select(0, idx), self.rope_sin.index_select(0, idx))  # (1, hs/2) each
+        mask = (cache.slots <= pos)[None]  # (1, block_size): the query sees the filled slots 0..pos
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block.forward_static(x, rope, cache, pos, mask)
+        return self.lm_head(self.ln_f(x))[:, -1]  # (B, K)
 
 
 def _preset(n_layer: int, n_head: int, n_embd: int) -> Callable[..., GPTConfig]:
