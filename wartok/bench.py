@@ -5,8 +5,13 @@ and reported as the median of repeated timings, so two commits (or two machines)
 their JSON files. Rows: the stage-C tokenizer step of each method (two_stage, joint, wartok at
 refresh_every 1, 4, 16, and with a sub-batch for its AR passes) with its ratio to two_stage,
 wartok's extra cost split into the two AR forward passes and one tracker refresh, the prior
-train step, sampling with and without the KV cache, Inception feature extraction, and with
-`--scaling` the step times against codebook size K, sequence length T and batch size. Peak memory is the CUDA allocator's peak on GPUs and the process's peak RSS on CPUs.
+train step, sampling with and without the KV cache and with the static cache (a CUDA graph on
+GPUs, the same static-shape code eagerly on CPUs), Inception feature extraction, with `--compile`
+the compiled steps, and with `--scaling` the step times against codebook size K, sequence length
+T and batch size. Training rows also report achieved TFLOP/s (FLOPs counted once per call with
+torch.utils.flop_counter) and, on a GPU whose bf16 dense peak is known (or --peak-tflops), the
+model FLOPs utilisation (MFU). Peak memory is the CUDA allocator's peak on GPUs and the
+process's peak RSS on CPUs.
 """
 from __future__ import annotations
 
@@ -23,12 +28,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from wartok.config import OptimConfig
 from wartok.models import GPT, ConvTokenizer, conv_tokenizer_config, generate, gpt_config
 from wartok.optim import build_optimizer
 from wartok.method import build_prior_term
-from wartok.runtime import autocast, configure_backends, resolve_device
+from wartok.runtime import autocast, configure_backends, maybe_compile, resolve_device
 from wartok.stages import StageContext, tokenizer_step_fn
 from wartok.tvc import TVCConfig
 from wartok.wgf import teacher_forced_logits
@@ -42,6 +48,27 @@ class Row:
     rate: float         # units per second
     peak_mem_mb: float
     ratio: Optional[float] = None  # median time / the two_stage tokenizer step's (method rows)
+    tflops: Optional[float] = None  # achieved TFLOP/s of the counted FLOPs (training rows)
+    mfu: Optional[float] = None     # tflops / the device's bf16 dense peak, where known
+
+
+# bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets (SXM parts)
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def device_peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def count_flops(fn: Callable[[], None]) -> float:
+    """FLOPs of one call of fn (forward and backward matmuls/convs/attention), counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def _sync(device: torch.device) -> None:
@@ -57,8 +84,9 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def measure(name: str, unit: str, per_call: float, fn: Callable[[], None], device: torch.device,
-            warmup: int, repeats: int) -> Row:
-    """Median wall time of fn() over `repeats` calls after `warmup` calls."""
+            warmup: int, repeats: int, flops: bool = False) -> Row:
+    """Median wall time of fn() over `repeats` calls after `warmup` calls; with flops=True
+    also the achieved TFLOP/s (one extra, uncounted-in-time call under the FLOP counter)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
@@ -71,7 +99,10 @@ def measure(name: str, unit: str, per_call: float, fn: Callable[[], None], devic
         _sync(device)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return Row(name, unit, median, per_call / median, _peak_mem_mb(device))
+    row = Row(name, unit, median, per_call / median, _peak_mem_mb(device))
+    if flops:
+        row.tflops = count_flops(fn) / median / 1e12
+    return row
 
 
 def synthetic_batches(batch: int, device: torch.device, num_classes: int = 10) -> Iterator:
@@ -89,10 +120,11 @@ def tokenizer_setup(size: str, prior_size: str, device: torch.device) -> tuple[C
 
 
 def method_step(method: str, tokenizer: ConvTokenizer, target: GPT, batch: int, device: torch.device,
-                precision: str, refresh_every: int = 1, sub_batch: int = 0) -> Callable[[], None]:
+                precision: str, refresh_every: int = 1, sub_batch: int = 0,
+                compile: bool = False) -> Callable[[], None]:
     """One full stage-C step of `method` (forward, backward, optimizer, AR upkeep), as the
     pipeline runs it: the same step function and the same prior-term objects."""
-    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer = maybe_compile(copy.deepcopy(tokenizer), compile)
     tvc = TVCConfig()
     prior_cfg = dataclasses.replace(tvc.prior, sub_batch=sub_batch,
                                     tracker=dataclasses.replace(tvc.prior.tracker, refresh_every=refresh_every))
@@ -133,8 +165,8 @@ def wgf_parts(tokenizer: ConvTokenizer, target: GPT, batch: int, device: torch.d
 
 
 def prior_step(size: str, vocab: int, length: int, batch: int, device: torch.device,
-               precision: str) -> Callable[[], None]:
-    prior = GPT(gpt_config(size, vocab, length)).to(device).train()
+               precision: str, compile: bool = False) -> Callable[[], None]:
+    prior = maybe_compile(GPT(gpt_config(size, vocab, length)).to(device).train(), compile)
     optimizer = build_optimizer(prior.parameters(), OptimConfig(lr=1e-3), device)
     tokens = torch.randint(vocab, (batch, length), device=device)
 
@@ -147,9 +179,10 @@ def prior_step(size: str, vocab: int, length: int, batch: int, device: torch.dev
     return step
 
 
-def sampler(size: str, vocab: int, length: int, num: int, device: torch.device, kv: bool) -> Callable[[], None]:
+def sampler(size: str, vocab: int, length: int, num: int, device: torch.device, kv: bool,
+            graph: bool = False) -> Callable[[], None]:
     prior = GPT(gpt_config(size, vocab, length)).to(device).eval()
-    return lambda: generate(prior, num, use_kv_cache=kv, generator=None, device=device)
+    return lambda: generate(prior, num, use_kv_cache=kv, cuda_graph=graph, generator=None, device=device)
 
 
 def method_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
@@ -158,13 +191,18 @@ def method_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
     w, r, B = args.warmup, args.repeats, args.batch
     tag = f"({args.tokenizer} tok, gpt_{args.prior}, B={B})"
     rows = [measure(f"stage C step two_stage {tag}", "steps/s", 1,
-                    method_step("two_stage", tokenizer, target, B, device, args.precision), device, w, r),
+                    method_step("two_stage", tokenizer, target, B, device, args.precision), device, w, r, flops=True),
             measure(f"stage C step joint {tag}", "steps/s", 1,
-                    method_step("joint", tokenizer, target, B, device, args.precision), device, w, r)]
+                    method_step("joint", tokenizer, target, B, device, args.precision), device, w, r, flops=True)]
     for every in (1, 4, 16):
         rows.append(measure(f"stage C step wartok refresh_every={every} {tag}", "steps/s", 1,
                             method_step("wartok", tokenizer, target, B, device, args.precision, every),
-                            device, w, max(r, every)))
+                            device, w, max(r, every), flops=every == 1))
+    if args.compile:
+        for method in ("two_stage", "wartok"):
+            rows.append(measure(f"stage C step {method} compiled {tag}", "steps/s", 1,
+                                method_step(method, tokenizer, target, B, device, args.precision, compile=True),
+                                device, w + 2, r))
     if args.sub_batch:
         rows.append(measure(f"stage C step wartok sub_batch={args.sub_batch} {tag}", "steps/s", 1,
                             method_step("wartok", tokenizer, target, B, device, args.precision, 1, args.sub_batch),
@@ -181,22 +219,36 @@ def run(args: argparse.Namespace) -> list[Row]:
     device = resolve_device(args.device)
     configure_backends(device)
     torch.manual_seed(0)
+    # the issue's presets: `small` on CPUs, `base` (GPT-B scale prior) on GPUs
+    args.tokenizer = args.tokenizer or ("base" if device.type == "cuda" else "small")
+    args.prior = args.prior or ("base" if device.type == "cuda" else "small")
     tok_cfg = conv_tokenizer_config(args.tokenizer)
     vocab, length = tok_cfg.quantizer.codebook_size, (tok_cfg.image_size // tok_cfg.downsample) ** 2
     w, r = args.warmup, args.repeats
     rows = method_rows(args, device)
-    rows.append(measure(f"prior train step (gpt_{args.prior}, B={args.prior_batch}, T={length})", "steps/s", 1,
-                        prior_step(args.prior, vocab, length, args.prior_batch, device, args.precision), device, w, r))
-    for kv in (True, False):
-        label = "with" if kv else "without"
-        rows.append(measure(f"sampling {label} KV cache (gpt_{args.prior}, N={args.samples}, T={length})",
+    prior_tag = f"(gpt_{args.prior}, B={args.prior_batch}, T={length})"
+    rows.append(measure(f"prior train step {prior_tag}", "steps/s", 1,
+                        prior_step(args.prior, vocab, length, args.prior_batch, device, args.precision), device, w, r,
+                        flops=True))
+    if args.compile:
+        rows.append(measure(f"prior train step compiled {prior_tag}", "steps/s", 1,
+                            prior_step(args.prior, vocab, length, args.prior_batch, device, args.precision, True),
+                            device, w + 2, r))
+    graph_label = "CUDA graph" if device.type == "cuda" else "eager on CPU"
+    for kv, graph, label in ((True, False, "with KV cache"), (False, False, "without KV cache"),
+                             (True, True, f"static KV cache, {graph_label}")):
+        rows.append(measure(f"sampling {label} (gpt_{args.prior}, N={args.samples}, T={length})",
                             "tokens/s", args.samples * length,
-                            sampler(args.prior, vocab, length, args.samples, device, kv), device,
+                            sampler(args.prior, vocab, length, args.samples, device, kv, graph), device,
                             max(1, w // 2), max(1, r // 2)))
     if args.fid_images:
         rows.append(fid_row(args.fid_images, device))
     if args.scaling:
         rows.extend(scaling_rows(args, device))
+    peak = args.peak_tflops or device_peak_tflops(device)
+    for row in rows:  # MFU against the bf16 peak means something only for bf16 runs
+        if row.tflops is not None and peak and args.precision == "bf16":
+            row.mfu = row.tflops / peak
     return rows
 
 
@@ -235,13 +287,15 @@ def fid_row(images: int, device: torch.device) -> Row:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = (f"{'benchmark':<66} {'median ms':>10} {'x two_stage':>11} {'rate':>10} {'unit':<9} "
-              f"{'peak MB':>8}")
+    header = (f"{'benchmark':<72} {'median ms':>10} {'x two_stage':>11} {'rate':>10} {'unit':<9} "
+              f"{'peak MB':>8} {'TFLOP/s':>8} {'MFU':>6}")
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"{row.name:<66} {row.median_s * 1e3:>10.1f} {ratio:>11} {row.rate:>10.1f} {row.unit:<9} "
-                     f"{row.peak_mem_mb:>8.0f}")
+        tflops = "" if row.tflops is None else f"{row.tflops:.3f}"
+        mfu = "" if row.mfu is None else f"{row.mfu:.1%}"
+        lines.append(f"{row.name:<72} {row.median_s * 1e3:>10.1f} {ratio:>11} {row.rate:>10.1f} {row.unit:<9} "
+                     f"{row.peak_mem_mb:>8.0f} {tflops:>8} {mfu:>6}")
     return "\n".join(lines)
 
 
@@ -253,8 +307,10 @@ def environment(device: torch.device) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wartok.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default="small", choices=["tiny", "small", "base"])
-    parser.add_argument("--prior", default="small", choices=["tiny", "small", "base"])
+    parser.add_argument("--tokenizer", default=None, choices=["tiny", "small", "base"],
+                        help="conv tokenizer preset (default: small on CPUs, base on GPUs)")
+    parser.add_argument("--prior", default=None, choices=["tiny", "small", "base", "large"],
+                        help="GPT preset (default: small on CPUs, base on GPUs)")
     parser.add_argument("--batch", type=int, default=64, help="tokenizer batch size")
     parser.add_argument("--prior-batch", type=int, default=128)
     parser.add_argument("--sub-batch", type=int, default=16, help="also time wartok with its AR passes on N images (0: skip)")
@@ -265,6 +321,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--scaling", action="store_true", help="add step time against K, T and batch size")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd step rows (first call compiles)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's bf16 dense peak for MFU (default: known NVIDIA parts)")
     parser.add_argument("--json", default=None, help="also write the table here as JSON")
     args = parser.parse_args(argv)
     for name in ("batch", "prior_batch", "samples", "repeats"):

@@ -1,0 +1,39 @@
+"""`python -m wartok.bench` end to end at toy sizes: every row is there, the ratios are to the
+two_stage row, FLOPs are counted, and the JSON holds the same rows (numbers, not timings, are
+checked: speed targets live in the benchmark, not in tests)."""
+import json
+
+from wartok import bench
+
+
+def test_the_bench_prints_every_row_and_writes_them_as_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tokenizer", "tiny", "--prior", "tiny", "--batch", "4", "--prior-batch", "4",
+                       "--sub-batch", "2", "--samples", "2", "--fid-images", "0", "--warmup", "0",
+                       "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    names = [row["name"] for row in payload["rows"]]
+    for expected in ("stage C step two_stage", "stage C step joint", "stage C step wartok refresh_every=1",
+                     "stage C step wartok refresh_every=16", "stage C step wartok sub_batch=2",
+                     "wartok: the two AR forward passes", "wartok: one tracker refresh", "prior train step",
+                     "sampling with KV cache", "sampling without KV cache", "sampling static KV cache, eager on CPU"):
+        assert any(name.startswith(expected) for name in names), expected
+        assert expected in printed
+    rows = {row["name"]: row for row in payload["rows"]}
+    two_stage = next(row for name, row in rows.items() if name.startswith("stage C step two_stage"))
+    assert two_stage["ratio"] == 1.0
+    assert all(row["median_s"] > 0 and row["rate"] > 0 for row in rows.values())
+    # FLOPs were counted for the training rows; no MFU without a known GPU peak and bf16
+    assert two_stage["tflops"] > 0 and two_stage["mfu"] is None
+    assert next(row for name, row in rows.items() if name.startswith("prior train step"))["tflops"] > 0
+    assert payload["environment"]["gpu"] is None and payload["args"]["tokenizer"] == "tiny"
+
+
+def test_mfu_uses_the_given_peak_for_bf16_rows():
+    args = bench.parse_args(["--tokenizer", "tiny", "--prior", "tiny", "--batch", "2", "--prior-batch", "2",
+                             "--sub-batch", "0", "--samples", "1", "--fid-images", "0", "--warmup", "0",
+                             "--repeats", "1", "--device", "cpu", "--precision", "bf16", "--peak-tflops", "2.0"])
+    rows = bench.run(args)
+    counted = [row for row in rows if row.tflops is not None]
+    assert counted and all(abs(row.mfu - row.tflops / 2.0) < 1e-12 for row in counted)
