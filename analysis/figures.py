@@ -29,8 +29,8 @@ import seaborn as sns  # noqa: E402
 if __package__ in (None, ""):  # run as `python analysis/figures.py`: make `analysis` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.collect import collect_runs, completed, load_scalars  # noqa: E402
-from analysis.stats import (METHOD_LABELS, METHOD_ORDER, ablation_studies, fit_frontier,  # noqa: E402
+from analysis.collect import collect_runs, load_scalars  # noqa: E402
+from analysis.stats import (METHOD_LABELS, METHOD_ORDER, ablation_studies, distinct_runs, fit_frontier,  # noqa: E402
                             main_selection, ordered_methods, setting_labels)
 
 DPI = 100
@@ -76,7 +76,7 @@ def empty_note(ax, text: str) -> None:
 def frontier_figure(frame: pd.DataFrame, y: str, x: str):
     """y against x, one point per setting, seed spread as error bars, the two-stage frontier drawn."""
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    runs = completed(frame)
+    runs = distinct_runs(frame)
     runs = runs[runs[x].notna() & runs[y].notna()] if x in runs and y in runs else runs.iloc[0:0]
     points = per_setting(runs, [x, y])
     if points.empty:
@@ -135,7 +135,7 @@ def usage_figure(frame: pd.DataFrame):
     """Codebook usage against K: every completed run, mean ± std over seeds per (method, setting)."""
     key, metric = "tokenizer.quantizer.codebook_size", "codebook_usage"
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    runs = completed(frame)
+    runs = distinct_runs(frame)
     runs = runs[runs[key].notna() & runs[metric].notna()] if key in runs else runs.iloc[0:0]
     points = per_setting(runs, [key, metric])
     if points.empty:

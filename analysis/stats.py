@@ -4,7 +4,9 @@ Conventions (the tables' footnotes repeat them):
 - mean and sample standard deviation (ddof=1) over the seeds that report a value; n counts them;
 - a 95% interval is Student's t interval of the mean over seeds (none for n < 2);
 - a "setting" is a run's config without its seed and bookkeeping keys (name, notes, paths...):
-  runs of one setting differ only by seed, and are aggregated into one point;
+  runs of one setting differ only by seed, and are aggregated into one point; a seed of a
+  setting counts once (the same job run by two sweeps, e.g. wAR-Tok at the default weight in
+  `baselines` and `wgf_weight`, is one observation, not two: the first run folder is kept);
 - the two-stage frontier is a straight line y = slope * x + intercept fitted by ordinary least
   squares (numpy.polyfit, degree 1) to every completed two-stage run, where x is a
   reconstruction metric (rfid or psnr) and y is ar_loss or gfid. A method's distance to it is
@@ -24,7 +26,7 @@ from analysis.collect import LEADING_COLUMNS, completed
 
 # Config keys that say where or how a run was bookkept, not what was trained.
 BOOKKEEPING_KEYS = ("name", "notes", "tags", "device", "cache_dir", "data.root", "data.num_workers",
-                    "data.download", "compile", "config.name")
+                    "data.download", "compile", "channels_last", "eval.sample_cuda_graph", "config.name")
 # At least this many distinct two-stage settings (budgets, codebook sizes...) before a line is fitted:
 # two points always fit exactly and say nothing about the frontier's shape or noise.
 MIN_FRONTIER_SETTINGS = 3
@@ -107,6 +109,18 @@ def setting_labels(frame: pd.DataFrame) -> pd.Series:
         pd.Series([], dtype="object")
 
 
+def distinct_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """The completed runs, each (experiment, setting, seed) once: the first by run folder."""
+    done = completed(frame)
+    if not len(done) or "seed" not in done:
+        return done
+    done = done.sort_values("run_dir", kind="stable") if "run_dir" in done else done
+    key = setting_labels(done) + "|seed=" + done["seed"].astype(str)
+    if "name" in done:  # runs of two experiments stay two runs, even where their configs agree
+        key = key + "|name=" + done["name"].astype(str)
+    return done[~key.duplicated()].sort_index()
+
+
 def main_selection(frame: pd.DataFrame, name: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The runs of the main comparison, and notes saying how they were chosen.
 
@@ -114,8 +128,12 @@ def main_selection(frame: pd.DataFrame, name: str | None = None) -> tuple[pd.Dat
     most runs, then alphabetically first). Within it, each method keeps its most-seeded setting,
     so a study that also varied a setting does not blur the comparison.
     """
-    done = completed(frame)
+    done = distinct_runs(frame)
     notes = []
+    repeats = len(completed(frame)) - len(done)
+    if repeats:
+        notes.append(f"{repeats} run(s) repeating another run's setting and seed (the same job in two sweeps) "
+                     "counted once.")
     if "name" in done and done["name"].notna().any():
         if name is None:
             ranking = done.groupby("name")["method"].agg(["nunique", "size"]).reset_index()
@@ -147,7 +165,7 @@ def ordered_methods(methods) -> list[str]:
 def ablation_studies(frame: pd.DataFrame, key: str) -> list[tuple[str, str, pd.DataFrame]]:
     """(experiment name, method, its completed runs) for each experiment and method that varies `key`,
     ordered by name, then method."""
-    done = completed(frame)
+    done = distinct_runs(frame)
     if key not in done or "name" not in done:
         return []
     done = done[done[key].notna()]
@@ -159,7 +177,7 @@ def ablation_studies(frame: pd.DataFrame, key: str) -> list[tuple[str, str, pd.D
 
 def fit_frontier(frame: pd.DataFrame, x: str, y: str) -> tuple[Frontier | None, str]:
     """The two-stage frontier of y against x, or None and the reason it could not be fitted."""
-    runs = completed(frame)
+    runs = distinct_runs(frame)
     runs = runs[(runs["method"] == "two_stage") & runs[x].notna() & runs[y].notna()] \
         if x in runs and y in runs else runs.iloc[0:0]
     n_settings = setting_labels(runs).nunique() if len(runs) else 0

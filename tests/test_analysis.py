@@ -90,6 +90,16 @@ def test_main_table_cells(runs):
     assert rows["wAR-Tok"][gkid].text == "n/a"
 
 
+def test_a_job_repeated_by_a_second_sweep_counts_once(tmp_path):
+    """The same setting and seed in two folders (one job in two sweeps) is one observation."""
+    shutil.copytree(RUNS / "main", tmp_path / "a")
+    shutil.copytree(RUNS / "main", tmp_path / "b")  # every run again, e.g. by another sweep
+    twice = collect_runs([tmp_path])
+    rows = {row[0].text: row for row in main_table(twice).rows}
+    assert rows["two-stage"][1].text == "1.950 ± 0.050 (n=3)"  # as from one copy
+    assert any("counted once" in note for note in main_table(twice).notes)
+
+
 @pytest.mark.parametrize("fmt", ["md", "tex"])
 def test_main_table_matches_golden_file(tmp_path, fmt):
     with pytest.warns(CorruptResultWarning):
@@ -194,3 +204,16 @@ def test_notebook_runs_on_the_fixtures(monkeypatch):
     client.execute()  # raises CellExecutionError on the first failing cell
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 7
+
+
+def test_the_committed_results_regenerate_byte_for_byte(tmp_path):
+    """results/README.md's command on the committed run records gives the committed tables."""
+    committed = ROOT / "results"
+    runs = committed / "runs"
+    assert runs.is_dir(), "results/runs (the run records the committed tables come from) is missing"
+    subprocess.run([sys.executable, "analysis/make_tables.py", "results/runs", "--out", str(tmp_path), "--quiet"],
+                   capture_output=True, text=True, cwd=ROOT, check=True)
+    regenerated = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".tex", ".csv"))
+    assert {"main.md", "main.tex", "frontier_rfid.md", "ablation_wgf_weight.md", "runs.csv"} <= set(regenerated)
+    for name in regenerated:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), f"results/{name} differs"

@@ -58,19 +58,7 @@ def test_decode_step_with_cache_matches_the_full_forward(pos):
         torch.testing.assert_close(step, full[:, t], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos,num_classes,cfg_scale,top_k,top_p", [
-    ("learned", 0, 1.0, 0, 1.0),
-    ("rope", 0, 1.0, 5, 0.9),
-    ("learned", 4, 2.0, 0, 1.0),
-])
-def test_kv_cache_sampling_gives_the_same_tokens_as_cache_free(pos, num_classes, cfg_scale, top_k, top_p):
-    model = tiny_gpt(pos, num_classes)
-    cond = torch.arange(6) % 4 if num_classes else None
-    kw = dict(cond=cond, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, temperature=0.9)
-    a = generate(model, 6, use_kv_cache=True, generator=torch.Generator().manual_seed(3), **kw)
-    b = generate(model, 6, use_kv_cache=False, generator=torch.Generator().manual_seed(3), **kw)
-    assert a.shape == (6, 12)
-    assert torch.equal(a, b)
+# sampling with and without the KV cache (and through the static cache): tests/test_static_decode.py
 
 
 def test_class_condition_changes_the_prediction_and_cfg_dropout_only_in_training():
