@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="make_tables.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Tables: main (method x metrics, mean ± std over seeds, best in bold, † unreliable FID), "
+               "paired (each method minus two-stage at the same seed), "
                "frontier_rfid / frontier_psnr (distance to a least-squares two-stage frontier, 95% CI), "
                "ablation_wgf_weight / ablation_refresh_every / ablation_codebook_size, status.")
     parser.add_argument("folders", nargs="*", type=Path, default=[Path(f) for f in DEFAULT_FOLDERS],

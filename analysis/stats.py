@@ -157,6 +157,17 @@ def main_selection(frame: pd.DataFrame, name: str | None = None) -> tuple[pd.Dat
     return selection, notes
 
 
+def paired_gaps(selection: pd.DataFrame, method: str, metric: str, baseline: str = "two_stage") -> Interval:
+    """`method` minus `baseline` on `metric`, seed by seed (the seeds both report); mean and 95%
+    interval over seeds. Runs of one seed share stages A and B, so the pairing removes the
+    tokenizer-initialisation and target-prior variance that the unpaired std carries."""
+    if metric not in selection or "seed" not in selection:
+        return t_interval([])
+    by_seed = {m: selection[selection["method"] == m].groupby("seed")[metric].first() for m in (method, baseline)}
+    both = by_seed[method].index.intersection(by_seed[baseline].index)
+    return t_interval(finite((by_seed[method][both] - by_seed[baseline][both]).to_numpy()))
+
+
 def ordered_methods(methods) -> list[str]:
     present = sorted(set(methods))
     return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]

@@ -1,6 +1,7 @@
 """The paper's tables, built from the run table of `analysis.collect` as `render.Table` data.
 
 - `main_table`: method x headline metrics, mean ± std over seeds, best per column in bold;
+- `paired_table`: each method minus two-stage, seed by seed (same stages A and B);
 - `frontier_table`: each method's vertical distance to the two-stage frontier (see
   `analysis.stats` for the fit), at matched rfid or matched psnr;
 - `ablation_table`: one per swept setting (WGF weight, tracker refresh rate, codebook size);
@@ -12,7 +13,7 @@ import pandas as pd
 
 from analysis.render import DAGGER, DOUBLE_DAGGER, NA, Cell, Table, fmt_number, fmt_summary
 from analysis.stats import (METHOD_LABELS, ablation_studies, fit_frontier, frontier_gaps, main_selection,
-                            ordered_methods, setting_columns, setting_labels, summarize)
+                            ordered_methods, paired_gaps, setting_columns, setting_labels, summarize)
 
 # (metric, column header, decimals); the arrow says which direction is better.
 MAIN_METRICS = (("ar_loss", "AR loss (nats/token) ↓", 3), ("rfid", "rFID ↓", 2), ("gfid", "gFID ↓", 2),
@@ -25,7 +26,7 @@ ABLATION_METRICS = ("ar_loss", "gfid", "rfid", "psnr", "codebook_usage")
 ABLATIONS = (("tvc.prior.weight", "WGF weight", "ablation_wgf_weight"),
              ("tvc.prior.tracker.refresh_every", "tracker refresh every (steps)", "ablation_refresh_every"),
              ("tokenizer.quantizer.codebook_size", "codebook size K", "ablation_codebook_size"))
-LABELS = {"ar_loss": "AR loss", "gfid": "gFID", "rfid": "rFID", "psnr": "PSNR"}
+LABELS = {"ar_loss": "AR loss", "gfid": "gFID", "rfid": "rFID", "psnr": "PSNR", "codebook_usage": "usage"}
 SEED_NOTE = "Mean ± sample std over seeds; n = seeds reporting the value; n/a = not reported."
 UNRELIABLE_NOTE = (f"{DAGGER} Flagged unreliable by the run (`reliable: false`; e.g. FID on fewer than 2048 images): "
                    "the metric's `note` in result.json says why.")
@@ -72,6 +73,26 @@ def main_table(frame: pd.DataFrame, name: str | None = None) -> Table:
     notes = [SEED_NOTE + " Bold: best per column (↓ lower is better, ↑ higher is better)."] + \
         ([UNRELIABLE_NOTE] if any_unreliable else []) + notes
     return Table("main", title, header, rows, notes)
+
+
+PAIRED_METRICS = ("ar_loss", "psnr", "codebook_usage", "rfid", "gfid")
+
+
+def paired_table(frame: pd.DataFrame, name: str | None = None) -> Table:
+    """The main comparison's methods minus two-stage, seed by seed: mean [95% CI] (n)."""
+    selection, _ = main_selection(frame, name)
+    title = "Paired difference to two-stage (same seed)"
+    header = ["method"] + [f"Δ {LABELS.get(m, m)}" for m in PAIRED_METRICS]
+    methods = [m for m in ordered_methods(selection["method"]) if m != "two_stage"] if len(selection) else []
+    if not methods or "two_stage" not in set(selection["method"]):
+        return Table("paired", title, header, [], message="Needs two-stage and another method in the main comparison.")
+    rows = [[Cell(method_label(m))] + [Cell(fmt_interval(paired_gaps(selection, m, metric), DIGITS.get(metric, 3)))
+                                      for metric in PAIRED_METRICS] for m in methods]
+    notes = ["Δ = the method's value minus two-stage's at the same seed (the same stage-A tokenizer and stage-B "
+             "target), mean and Student-t 95% interval over seeds. Lower is better for AR loss, rFID, gFID; "
+             "higher for PSNR and usage. Unlike the frontier tables this does not adjust for reconstruction "
+             "quality: read it beside the Δ PSNR column."]
+    return Table("paired", title, header, rows, notes)
 
 
 def frontier_table(frame: pd.DataFrame, x: str, name: str | None = None) -> Table:
@@ -206,7 +227,7 @@ def status_table(frame: pd.DataFrame) -> Table:
 
 
 def all_tables(frame: pd.DataFrame, main_name: str | None = None) -> list[Table]:
-    tables = [main_table(frame, main_name), frontier_table(frame, "rfid", main_name),
+    tables = [main_table(frame, main_name), paired_table(frame, main_name), frontier_table(frame, "rfid", main_name),
               frontier_table(frame, "psnr", main_name)]
     tables += [ablation_table(frame, key, what, label) for key, what, label in ABLATIONS]
     return tables + [status_table(frame)]

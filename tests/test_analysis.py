@@ -90,6 +90,21 @@ def test_main_table_cells(runs):
     assert rows["wAR-Tok"][gkid].text == "n/a"
 
 
+def test_paired_differences_by_hand():
+    """Seeds 0-2 of two-stage and wAR-Tok, and a wAR-Tok seed 3 with no two-stage partner."""
+    import pandas as pd
+
+    from analysis.stats import paired_gaps
+
+    frame = pd.DataFrame({"method": ["two_stage"] * 3 + ["wartok"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
+                          "ar_loss": [2.0, 1.8, 1.9, 1.9, 1.75, 1.9, 0.0]})
+    gap = paired_gaps(frame, "wartok", "ar_loss")  # differences -0.1, -0.05, 0.0
+    assert gap.n == 3 and math.isclose(gap.mean, -0.05)
+    half_width = 4.302652729911275 * 0.05 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert math.isclose(gap.low, -0.05 - half_width) and math.isclose(gap.high, -0.05 + half_width)
+    assert paired_gaps(frame, "joint", "ar_loss").n == 0
+
+
 def test_a_job_repeated_by_a_second_sweep_counts_once(tmp_path):
     """The same setting and seed in two folders (one job in two sweeps) is one observation."""
     shutil.copytree(RUNS / "main", tmp_path / "a")
