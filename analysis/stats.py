@@ -126,7 +126,9 @@ def main_selection(frame: pd.DataFrame, name: str | None = None) -> tuple[pd.Dat
 
     Experiment `name` if given, else the experiment name that covers the most methods (then the
     most runs, then alphabetically first). Within it, each method keeps its most-seeded setting,
-    so a study that also varied a setting does not blur the comparison.
+    so a study that also varied a setting does not blur the comparison; where several settings
+    of a method have that many seeds, the one that agrees with the other methods' settings on
+    most config keys (the shared defaults), then the alphabetically first.
     """
     done = distinct_runs(frame)
     notes = []
@@ -144,17 +146,39 @@ def main_selection(frame: pd.DataFrame, name: str | None = None) -> tuple[pd.Dat
         else:
             notes.append(f"Main comparison: runs of experiment `{name}`.")
         done = done[done["name"] == name]
-    kept = []
+    candidates = {}  # method -> the labels of its most-seeded settings
     for method, runs in done.groupby("method", sort=True):
-        labels = setting_labels(runs)
-        counts = labels.value_counts()
-        best = sorted(counts[counts == counts.max()].index)[0]
-        kept.append(runs[labels == best])
-        if (labels != best).any():
-            notes.append(f"{METHOD_LABELS.get(method, method)}: {(labels != best).sum()} run(s) at other settings "
-                         "of this experiment left out (the main table uses each method's most-seeded setting).")
+        counts = setting_labels(runs).value_counts()
+        candidates[method] = sorted(counts[counts == counts.max()].index)
+    # a method with one most-seeded setting fixes the reference; a tie (an ablation that ran every
+    # value with as many seeds, e.g. wgf_weight) goes to the setting agreeing with it on most keys
+    reference = [done[setting_labels(done) == labels[0]].iloc[0] for labels in candidates.values() if len(labels) == 1]
+    columns = setting_columns(done)
+    kept = []
+    for method, labels in candidates.items():
+        runs = done[done["method"] == method]
+        run_labels = setting_labels(runs)
+        best = max(labels, key=lambda label: (agreement(runs[run_labels == label].iloc[0], reference, columns),
+                                               -labels.index(label)))
+        kept.append(runs[run_labels == best])
+        if (run_labels != best).any():
+            notes.append(f"{METHOD_LABELS.get(method, method)}: {(run_labels != best).sum()} run(s) at other "
+                         "settings of this experiment left out (the main table uses each method's most-seeded "
+                         "setting; among equally seeded ones, the one that shares most settings with the "
+                         "other methods').")
     selection = pd.concat(kept) if kept else done.iloc[0:0]
     return selection, notes
+
+
+def agreement(run: pd.Series, reference: list[pd.Series], columns: list[str]) -> int:
+    """How many (reference run, setting column) pairs hold the same value as `run`."""
+    return sum(bool(same(run[c], ref[c])) for ref in reference for c in columns)
+
+
+def same(a, b) -> bool:
+    """Equal config values, where two missing values are equal."""
+    a_missing, b_missing = (pd.api.types.is_scalar(v) and bool(pd.isna(v)) for v in (a, b))
+    return a_missing and b_missing if a_missing or b_missing else bool(a == b)
 
 
 def paired_gaps(selection: pd.DataFrame, method: str, metric: str, baseline: str = "two_stage") -> Interval:

@@ -105,6 +105,22 @@ def test_paired_differences_by_hand():
     assert paired_gaps(frame, "joint", "ar_loss").n == 0
 
 
+def test_an_ablation_with_as_many_seeds_gives_the_main_table_the_shared_default():
+    """wgf_weight runs every weight with 3 seeds, as many as the baselines: wAR-Tok's main row must
+    be the weight two-stage and joint ran with (0.01), not the alphabetically first (0.001)."""
+    import pandas as pd
+
+    from analysis.stats import main_selection
+
+    rows = [{"method": m, "seed": seed, "tvc.prior.weight": w, "name": "x", "status": "completed",
+             "run_dir": f"{m}{w}/{seed}", "ar_loss": 1.0, "ar_loss_n": 10, "ar_loss_reliable": True}
+            for m, weights in (("two_stage", [0.01]), ("wartok", [0.001, 0.01, 0.1])) for w in weights
+            for seed in (0, 1)]
+    selection, _ = main_selection(pd.DataFrame(rows))
+    assert set(selection.loc[selection["method"] == "wartok", "tvc.prior.weight"]) == {0.01}
+    assert len(selection) == 4
+
+
 def test_a_job_repeated_by_a_second_sweep_counts_once(tmp_path):
     """The same setting and seed in two folders (one job in two sweeps) is one observation."""
     shutil.copytree(RUNS / "main", tmp_path / "a")
