@@ -91,8 +91,11 @@ def test_scontrol_requeue_resumes_from_the_checkpoint_with_the_same_result(slurm
     """A running job requeued by SLURM (SIGTERM, then the same job id runs again) resumes from its
     run folder's checkpoint and ends with exactly the metrics of an uninterrupted run."""
     run = [*SMALL, "reuse_stages=false", "checkpoint.every=2", "stage_a.steps=40", "stage_a.log_every=5"]
+    # the SLURM job runs on its one CPU (SLURM_CPUS_PER_TASK=1 sets torch's threads), and float
+    # reductions depend on the thread count: the uninterrupted reference uses one thread too
     straight = subprocess.run([sys.executable, "-m", "wartok.sweep", *run, f"hydra.run.dir={tmp_path / 'straight'}"],
-                              cwd=PROJECT_ROOT, env=slurm, capture_output=True, text=True, timeout=600)
+                              cwd=PROJECT_ROOT, env={**slurm, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     sweep_dir = tmp_path / "requeued"
