@@ -146,26 +146,26 @@ def main_selection(frame: pd.DataFrame, name: str | None = None) -> tuple[pd.Dat
         else:
             notes.append(f"Main comparison: runs of experiment `{name}`.")
         done = done[done["name"] == name]
+    labels = setting_labels(done)
     candidates = {}  # method -> the labels of its most-seeded settings
-    for method, runs in done.groupby("method", sort=True):
-        counts = setting_labels(runs).value_counts()
+    for method, method_labels in labels.groupby(done["method"], sort=True):
+        counts = method_labels.value_counts()
         candidates[method] = sorted(counts[counts == counts.max()].index)
     # a method with one most-seeded setting fixes the reference; a tie (an ablation that ran every
     # value with as many seeds, e.g. wgf_weight) goes to the setting agreeing with it on most keys
-    reference = [done[setting_labels(done) == labels[0]].iloc[0] for labels in candidates.values() if len(labels) == 1]
+    reference = [done[labels == tied[0]].iloc[0] for tied in candidates.values() if len(tied) == 1]
     columns = setting_columns(done)
     kept = []
-    for method, labels in candidates.items():
-        runs = done[done["method"] == method]
-        run_labels = setting_labels(runs)
-        best = max(labels, key=lambda label: (agreement(runs[run_labels == label].iloc[0], reference, columns),
-                                               -labels.index(label)))
-        kept.append(runs[run_labels == best])
-        if (run_labels != best).any():
-            notes.append(f"{METHOD_LABELS.get(method, method)}: {(run_labels != best).sum()} run(s) at other "
+    for method, tied in candidates.items():
+        mine = done["method"] == method
+        best = max(tied, key=lambda label: (agreement(done[labels == label].iloc[0], reference, columns),
+                                             -tied.index(label)))
+        kept.append(done[labels == best])
+        if (mine & (labels != best)).any():
+            notes.append(f"{METHOD_LABELS.get(method, method)}: {(mine & (labels != best)).sum()} run(s) at other "
                          "settings of this experiment left out (the main table uses each method's most-seeded "
                          "setting; among equally seeded ones, the one that shares most settings with the "
-                         "other methods').")
+                         "other methods).")
     selection = pd.concat(kept) if kept else done.iloc[0:0]
     return selection, notes
 
