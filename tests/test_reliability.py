@@ -169,7 +169,15 @@ def test_an_injected_nan_step_is_skipped_and_counted(tmp_path: Path) -> None:
         state = load_checkpoint(path)["objects"]["model"]
         assert all(torch.isfinite(v).all() for v in state.values()), path
     logged = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
-    assert logged[-1]["nonfinite_skipped"] == 1
+    assert [line["nonfinite_skipped"] for line in logged] == [0, 1, 1, 1]  # counted when it happened
+    assert all(math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"]) for line in logged)
+
+
+def test_more_skipped_steps_than_allowed_fail_the_stage_naming_the_first(tmp_path: Path) -> None:
+    _, go = toy_stage(tmp_path, nan_at=3, cfg=CheckpointConfig(on_nonfinite="skip", max_nonfinite=0))
+    with pytest.raises(NonFiniteLoss, match=r"at step 3 \(loss nan; 1 non-finite steps, more than "
+                                            r"checkpoint.max_nonfinite=0\)"):
+        go()
 
 
 def test_an_injected_nan_step_fails_the_stage_and_is_never_checkpointed(tmp_path: Path) -> None:

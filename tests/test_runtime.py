@@ -1,16 +1,25 @@
 """The GPU fast paths on the CPU: torch.compile and its eager fallback, channels-last
-convolutions, the fused-AdamW switch, and the SLURM thread count. Each must either run the
+convolutions, fused AdamW's skip of a flagged step, and the SLURM thread count. Each must either run the
 same numbers as the plain path or fall back to it cleanly."""
 import copy
+import inspect
 import logging
+import math
+from typing import Callable
 
 import pytest
 import torch
 
-from wartok.config import OptimConfig
+from wartok.bench import synthetic_batches
+from wartok.config import OptimConfig, StageConfig
+from wartok.loop import Averages, NonFiniteSteps, StageContext
+from wartok.method import build_prior_term
 from wartok.models import GPT, ConvTokenizer, conv_tokenizer_config, gpt_config
 from wartok.optim import build_optimizer
+from wartok.results import ScalarLog
 from wartok.runtime import maybe_compile, threads_from_scheduler
+from wartok.stages import train_prior, train_tokenizer
+from wartok.tvc import TVCConfig
 
 
 def tiny_gpt() -> GPT:
@@ -90,17 +99,28 @@ def test_channels_last_tokenizer_computes_what_the_contiguous_one_does():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_adamw_only_on_cuda_and_the_cpu_path_steps():
-    model = tiny_gpt()
-    cpu_opt = build_optimizer(model.parameters(), OptimConfig(lr=1e-3), torch.device("cpu"))
-    assert not cpu_opt.defaults["fused"]
-    before = [p.detach().clone() for p in model.parameters()]
-    loss_and_grads(model, torch.randint(17, (2, 12)))
-    cpu_opt.step()
-    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    if torch.cuda.is_available():
-        gpu_model = tiny_gpt().cuda()
-        assert build_optimizer(gpu_model.parameters(), OptimConfig(), torch.device("cuda")).defaults["fused"]
+def test_a_flagged_fused_adamw_step_leaves_no_trace():
+    """The loop's non-finite skip: found_inf=1 must leave weights, moments and step counts exactly
+    as they were, so a run with a skipped NaN step continues as if that step never happened."""
+    model, twin = tiny_gpt(), tiny_gpt()
+    opt, twin_opt = (build_optimizer(m.parameters(), OptimConfig(lr=1e-2, warmup_steps=0)) for m in (model, twin))
+    assert opt.defaults["fused"]
+    batches = [torch.randint(17, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for i, tokens in enumerate(batches):
+        loss_and_grads(model, tokens)
+        if i == 1:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+        opt.found_inf = torch.tensor(float(i == 1))
+        opt.step()
+        if i != 1:
+            loss_and_grads(twin, tokens)
+            twin_opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), tiny_gpt().parameters()))  # it trained
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], twin_opt.state[q][key]), key
 
 
 def test_slurm_cpus_per_task_sets_the_thread_count(monkeypatch):
@@ -128,3 +148,84 @@ def test_gfid_samples_through_the_static_cache_are_the_dynamic_caches():
     dynamic = samples_uint8(*args)
     static = samples_uint8(*args, cuda_graph=True)
     assert dynamic.shape == (5, 3, 32, 32) and torch.equal(static, dynamic)
+
+
+# Tensor -> Python reads: on a GPU each one waits for the device to finish all queued work.
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+# Where the loop may read: its log lines, checkpoints and non-finite check; and host-side tensors
+# (the replay buffer's CPU generator), which never touch a device.
+ALLOWED_READERS = {"check", "pop", "save", "draw"}
+
+
+def record_host_reads(monkeypatch) -> list[set[str]]:
+    """From now until monkeypatch.undo(): for each host read, the wartok functions on the stack."""
+    reads: list[set[str]] = []
+    for name in HOST_READS:
+        def read(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads.append({frame.function for frame in inspect.stack()[1:] if "/wartok/" in frame.filename})
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+def reads_in_steps(reads: list[set[str]]) -> list[set[str]]:
+    return [callers for callers in reads if callers and not callers & ALLOWED_READERS]
+
+
+def tokenizer_stage(method: str, device: torch.device, tmp_path) -> Callable[[], dict[str, float]]:
+    """Builds six stage-C steps of `method` with tiny models, logging every third; calling the
+    result trains them and returns the last averages."""
+    torch.manual_seed(0)
+    tokenizer = ConvTokenizer(conv_tokenizer_config("tiny")).to(device)
+    target = GPT(gpt_config("tiny", tokenizer.codebook_size, tokenizer.num_tokens)).to(device)
+    term = build_prior_term(method, target, TVCConfig().prior, seed=0)
+    ctx = StageContext(device=device, precision="fp32", log=ScalarLog(tmp_path / "scalars.jsonl"))
+    batches, stage = synthetic_batches(8, device), StageConfig(steps=6, log_every=3)
+    return lambda: train_tokenizer("c", tokenizer, batches, stage, TVCConfig(), ctx, term).last
+
+
+@pytest.mark.parametrize("method", ["two_stage", "joint", "wartok"])
+def test_training_steps_read_nothing_back_from_the_device(method, monkeypatch, tmp_path):
+    train = tokenizer_stage(method, torch.device("cpu"), tmp_path)
+    reads = record_host_reads(monkeypatch)
+    last = train()
+    monkeypatch.undo()
+    assert math.isfinite(last["loss"])
+    assert reads_in_steps(reads) == []
+    assert any("pop" in callers for callers in reads)  # the reads at log lines are seen: the probe works
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["two_stage", "joint", "wartok"])
+def test_on_a_gpu_training_steps_never_synchronise(method, monkeypatch, tmp_path):
+    """CUDA's own sync detector raises on any synchronising call outside the loop's log lines,
+    checkpoints and non-finite check (bincount, nonzero, .item(), a D2H copy, ...)."""
+    for owner, name in ((NonFiniteSteps, "check"), (Averages, "pop")):
+        def allowed(self, *args, _original=getattr(owner, name), **kwargs):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        monkeypatch.setattr(owner, name, allowed)
+    train = tokenizer_stage(method, torch.device("cuda"), tmp_path)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        last = train()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(last["loss"])
+
+
+def test_prior_training_steps_read_nothing_back_from_the_device(monkeypatch, tmp_path):
+    prior = GPT(gpt_config("tiny", vocab_size=17, block_size=12))
+    tokens = torch.randint(17, (4, 12), generator=torch.Generator().manual_seed(0))
+    batches = iter([(tokens, torch.zeros(4, dtype=torch.long))] * 6)
+    ctx = StageContext(device=torch.device("cpu"), precision="fp32", log=ScalarLog(tmp_path / "scalars.jsonl"))
+    reads = record_host_reads(monkeypatch)
+    train_prior("d", prior, batches, StageConfig(steps=6, log_every=3), ctx)
+    monkeypatch.undo()
+    assert reads_in_steps(reads) == []
+    assert any("pop" in callers for callers in reads)

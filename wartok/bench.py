@@ -133,7 +133,7 @@ def method_step(method: str, tokenizer: ConvTokenizer, target: GPT, batch: int, 
     ctx = StageContext(device=device, precision=precision, log=None)
     step_fn = tokenizer_step_fn(tokenizer, synthetic_batches(batch, device), tvc, ctx, term)
     groups = [] if term is None else term.param_groups()
-    optimizer = build_optimizer(tokenizer.parameters(), OptimConfig(), device, groups)
+    optimizer = build_optimizer(tokenizer.parameters(), OptimConfig(), groups)
     counter = [0]
 
     def step() -> None:
@@ -167,7 +167,7 @@ def wgf_parts(tokenizer: ConvTokenizer, target: GPT, batch: int, device: torch.d
 def prior_step(size: str, vocab: int, length: int, batch: int, device: torch.device,
                precision: str, compile: bool = False) -> Callable[[], None]:
     prior = maybe_compile(GPT(gpt_config(size, vocab, length)).to(device).train(), compile)
-    optimizer = build_optimizer(prior.parameters(), OptimConfig(lr=1e-3), device)
+    optimizer = build_optimizer(prior.parameters(), OptimConfig(lr=1e-3))
     tokens = torch.randint(vocab, (batch, length), device=device)
 
     def step() -> None:

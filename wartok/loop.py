@@ -17,13 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from wartok import dist
-from wartok.checkpoint import CheckpointConfig, StageCheckpointer, rng_state, set_rng_state
+from wartok.checkpoint import CheckpointConfig, CheckpointError, StageCheckpointer, rng_state, set_rng_state
 from wartok.config import StageConfig
 from wartok.optim import build_optimizer, warmup_cosine
 from wartok.results import ScalarLog
 
-# step_fn(step) -> (loss to minimise, raw scalars to log); scalars stay tensors so that
-# no host-device sync happens except at log intervals (and one finiteness check per step).
+# step_fn(step) -> (loss to minimise, raw scalars to log); scalars stay tensors so that no
+# host-device sync happens in a step: only at log lines, checkpoints and the stage's end.
 StepFn = Callable[[int], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 AfterStepFn = Callable[[int], "dict[str, torch.Tensor]"]
 # Set by wartok.run's SIGUSR2 / SIGTERM handlers; the loop saves and stops at the next step boundary.
@@ -58,29 +58,74 @@ class StageSummary:
 
 
 class Averages:
-    """Per-key sums of logged scalars since the last log line; a key that some steps do not report
-    (a signal computed every n-th step) is averaged over the steps that reported it."""
+    """Per-key sums of logged scalars since the last log line, on the device. A key that some
+    steps do not report (a signal computed every n-th step) is averaged over the steps that
+    reported it; a skipped non-finite step (keep=False) adds nothing."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor] = {}
 
-    def add(self, scalars: dict[str, torch.Tensor]) -> None:
+    def add(self, scalars: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+        weight = keep.float()
         for key, value in scalars.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
-            self.counts[key] = self.counts.get(key, 0) + 1
+            value = torch.where(keep, value.detach().float(), 0.0)  # NaN * 0 would still be NaN
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0.0) + weight
 
     def pop(self) -> dict[str, float]:
-        """The averages since the last pop, and over ranks (each rank averaged its own slices)."""
-        means = dist.all_reduce_mean({key: value / self.counts[key] for key, value in self.sums.items()})
+        """The averages since the last pop, and over ranks (each rank averaged its own slices);
+        keys that only skipped steps reported are left out."""
+        counts = {key: float(count) for key, count in self.counts.items()}
+        means = dist.all_reduce_mean({key: value / max(counts[key], 1.0) for key, value in self.sums.items()})
         self.sums, self.counts = {}, {}
-        return {key: value.item() for key, value in means.items()}
+        return {key: value.item() for key, value in means.items() if counts[key] > 0}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+class NonFiniteSteps:
+    """Flags a step whose loss or gradient norm is not finite, on the device, so that the step
+    needs no host sync: the fused optimizer skips the flagged update itself (its found_inf), and
+    the count is read, and checkpoint.on_nonfinite / max_nonfinite enforced, only where the loop
+    syncs anyway (log lines, checkpoints, the stage's end), always before anything is saved. The
+    AR upkeep (a tracker refresh) of a skipped step still runs; only the tokenizer's update is
+    skipped."""
+
+    def __init__(self, name: str, cfg: CheckpointConfig, device: torch.device):
+        self.name, self.cfg = name, cfg
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_loss = torch.zeros((), device=device)
+
+    def flag(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """() bool: True where this step is non-finite."""
+        bad = ~torch.isfinite(loss.float() + grad_norm.float())
+        first = bad & (self.first_step < 0)
+        self.first_step = torch.where(first, step, self.first_step)
+        self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
+        self.count = self.count + bad
+        return bad
+
+    def check(self) -> int:
+        """The number skipped so far; raises NonFiniteLoss where the config does not allow them."""
+        count = int(self.count)
+        if count == 0 or (self.cfg.on_nonfinite == "skip" and count <= self.cfg.max_nonfinite):
+            return count
+        reason = ("checkpoint.on_nonfinite=fail" if self.cfg.on_nonfinite == "fail"
+                  else f"{count} non-finite steps, more than checkpoint.max_nonfinite={self.cfg.max_nonfinite}")
+        raise NonFiniteLoss(f"stage {self.name}: non-finite loss or gradient at step {int(self.first_step)} "
+                            f"(loss {float(self.first_loss)}; {reason})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "first_step": self.first_step, "first_loss": self.first_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count, self.first_step, self.first_loss = state["count"], state["first_step"], state["first_loss"]
 
 
 def run_stage(
@@ -103,10 +148,11 @@ def run_stage(
     params = [p for p in params if p.requires_grad]
     extra_groups = [([p for p in group if p.requires_grad], lr) for group, lr in extra_groups]
     clipped = params + [p for group, _ in extra_groups for p in group]
-    optimizer = build_optimizer(params, stage.optim, ctx.device, extra_groups)
+    optimizer = build_optimizer(params, stage.optim, extra_groups)
     schedule = warmup_cosine(optimizer, stage.optim, stage.steps)
-    averages, skipped, last = Averages(), 0, {}
-    objects = {**(stateful or {}), "optimizer": optimizer, "schedule": schedule, "averages": averages}
+    averages, nonfinite, last = Averages(), NonFiniteSteps(name, ctx.checkpoint, ctx.device), {}
+    objects = {**(stateful or {}), "optimizer": optimizer, "schedule": schedule, "averages": averages,
+               "nonfinite": nonfinite}
     saver = None if ctx.checkpoint_dir is None else StageCheckpointer(
         ctx.checkpoint_dir / f"stage_{name}", name, ctx.config, ctx.checkpoint.keep)
     start = 0 if saver is None else resume(saver, objects, ctx)
@@ -125,36 +171,28 @@ def run_stage(
         if distributed:  # the mean gradient; every rank sees the mean loss and any rank's stop request
             checked, stop = dist.average_gradients(clipped, checked, STOP.is_set())
         grad_norm = torch.nn.utils.clip_grad_norm_(clipped, max_norm)  # inf: measures, scales by exactly 1
-        if not bool(torch.isfinite(checked + grad_norm)):
-            skipped = handle_nonfinite(name, step, loss, ctx.checkpoint, skipped)
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()  # the schedule stays a function of the step index
-            continue
-        scalars["grad_norm"] = grad_norm
+        bad = nonfinite.flag(step, checked, grad_norm)
+        optimizer.found_inf = bad.float()  # the fused step leaves a flagged step's weights and moments as they were
         optimizer.step()
-        schedule.step()
+        schedule.step()  # also on a skipped step: the schedule stays a function of the step index
+        scalars["grad_norm"] = grad_norm
         if after_step is not None:
             scalars.update(after_step(step))
-        averages.add(scalars)
-        if (step + 1) % stage.log_every == 0 or step == stage.steps - 1:
+        averages.add(scalars, keep=~bad)
+        last_step, stop = step == stage.steps - 1, STOP.is_set() if stop is None else stop
+        log_due = (step + 1) % stage.log_every == 0 or last_step
+        save_due = saver is not None and ((ctx.checkpoint.every and (step + 1) % ctx.checkpoint.every == 0)
+                                          or last_step or stop)
+        skipped = nonfinite.check() if log_due or save_due else None  # the one sync, before any write
+        if log_due:
             last = averages.pop()
             ctx.log.log(name, step + 1, {**last, "lr": schedule.get_last_lr()[0], "nonfinite_skipped": skipped})
-        due = ctx.checkpoint.every and (step + 1) % ctx.checkpoint.every == 0
-        stop = STOP.is_set() if stop is None else stop
-        if saver is not None and (due or step == stage.steps - 1 or stop):
+        if save_due:
             save(saver, step + 1, objects, ctx)
-        if stop and step < stage.steps - 1:
+        if stop and not last_step:
             raise Interrupted(f"stage {name} stopped at step {step + 1} of {stage.steps} (checkpoint saved)")
     optimizer.zero_grad(set_to_none=True)  # a trained model leaves its stage without stale .grad
-    return StageSummary(steps=stage.steps, last=last, nonfinite_skipped=skipped)
-
-
-def handle_nonfinite(name: str, step: int, loss: torch.Tensor, cfg: CheckpointConfig, skipped: int) -> int:
-    """Skip (counted) or fail, as configured; returns the new skip count."""
-    if cfg.on_nonfinite == "skip" and skipped < cfg.max_nonfinite:
-        return skipped + 1
-    reason = "checkpoint.on_nonfinite=fail" if cfg.on_nonfinite == "fail" else f"more than {cfg.max_nonfinite} skipped"
-    raise NonFiniteLoss(f"stage {name}: non-finite loss or gradient at step {step} (loss {loss.item()}; {reason})")
+    return StageSummary(steps=stage.steps, last=last, nonfinite_skipped=nonfinite.check())
 
 
 def save(saver: StageCheckpointer, step: int, objects: dict[str, Any], ctx: StageContext) -> None:
@@ -178,6 +216,10 @@ def resume(saver: StageCheckpointer, objects: dict[str, Any], ctx: StageContext)
     state = saver.load_latest(Path(explicit) if explicit and _stage_of(explicit) == saver.stage else None)
     if state is None:
         return 0
+    missing = [name for name, obj in objects.items() if obj is not None and name not in state["objects"]]
+    if missing:
+        raise CheckpointError(f"stage {saver.stage}: its checkpoint at step {state['step']} holds no {missing} "
+                              "(written by an older wartok); resume it with that version or start the stage anew")
     for name, obj in objects.items():
         if obj is not None:
             obj.load_state_dict(state["objects"][name])

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from wartok.optim import fused_adamw
 from wartok.models.gpt import GPT, GPTConfig, PRESETS as GPT_PRESETS, gpt_config
 from wartok.validate import ConfigError, check_choice, check_finite, check_int, check_unit_interval
 
@@ -115,8 +116,7 @@ class ReplayBuffer:
 
 
 def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    fused = next(model.parameters()).device.type == "cuda"  # one kernel per step on GPUs, as build_optimizer
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused)
+    return fused_adamw(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
 
 def _mle_step(model: GPT, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,

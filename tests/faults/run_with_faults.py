@@ -64,10 +64,10 @@ def signal_during_next_step() -> None:
     """SIGUSR2 once, from inside the next step (after its optimizer step, before its boundary)."""
     original_add = loop.Averages.add
 
-    def add(self, scalars):
+    def add(self, scalars, keep):
         loop.Averages.add = original_add
         os.kill(os.getpid(), signal.SIGUSR2)
-        return original_add(self, scalars)
+        return original_add(self, scalars, keep)
 
     loop.Averages.add = add
 
