@@ -31,7 +31,7 @@ def tokenizer_step_fn(tokenizer: torch.nn.Module, batches: Iterator, tvc: TVCCon
         loss = weigh(terms, tvc, prior_weight)
         scalars = {**terms, "loss": loss, "usage": out.quant.usage, "perplexity": out.quant.perplexity}
         if prior_term is not None:
-            scalars["prior_weight"] = loss.new_tensor(prior_weight)
+            scalars["prior_weight"] = loss.new_full((), prior_weight)  # a fill kernel, no host-to-device copy
         return loss, scalars
 
     return step_fn

@@ -61,9 +61,17 @@ class QuantizerOutput:
     perplexity: torch.Tensor       # () exp(entropy of this batch's code histogram)
 
 
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(K,) float32 count of each code in `indices`. Not torch.bincount: on CUDA its output length
+    depends on the largest index, which it reads back to the host, a sync in every training step."""
+    flat = indices.reshape(-1)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    return torch.zeros(codebook_size, device=flat.device).index_add_(0, flat, ones)  # exact up to 2^24 per code
+
+
 def code_histogram_stats(indices: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(usage, perplexity) of a tensor of code indices: fraction of codes hit, exp(entropy)."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    counts = code_counts(indices, codebook_size)
     probs = counts / counts.sum().clamp_min(1.0)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()  # 0 log 0 = 0
     return (counts > 0).float().mean(), entropy.exp()
@@ -166,7 +174,7 @@ class VectorQuantizer(nn.Module):
         """
         cfg = self.config
         K = cfg.codebook_size
-        counts = torch.bincount(flat_idx, minlength=K).float()  # (K,)
+        counts = code_counts(flat_idx, K)  # (K,)
         sums = torch.zeros(K, flat_z.shape[1], device=flat_z.device).index_add_(0, flat_idx, flat_z)  # (K, d)
         if _distributed():
             dist.all_reduce(counts)
@@ -186,6 +194,8 @@ class VectorQuantizer(nn.Module):
         return (self.cluster_size + LAPLACE_EPS) / (n + K * LAPLACE_EPS) * n
 
     def _restart_dead(self, flat_z: torch.Tensor) -> None:
+        # Reads the number of dead codes back to the host: the one sync per step that
+        # dead_code_restart=true costs (it is off by default).
         dead = self.cluster_size < self.config.dead_code_threshold  # (K,)
         if _distributed():
             dist.broadcast(dead, src=0)
