@@ -188,6 +188,18 @@ def test_an_injected_nan_step_fails_the_stage_and_is_never_checkpointed(tmp_path
     assert saved == ["step_00000002.pt", "step_00000003.pt"]  # keep=2: the steps before the NaN, nothing after
 
 
+def test_a_checkpoint_without_the_skip_count_is_refused_by_name(tmp_path: Path) -> None:
+    """Checkpoints from before the non-finite count was saved cannot resume exactly: say so."""
+    _, go = toy_stage(tmp_path, nan_at=-1, cfg=CheckpointConfig(every=2))
+    go()
+    latest = tmp_path / "ckpt" / "stage_t" / (tmp_path / "ckpt" / "stage_t" / "latest").read_text().strip()
+    state = load_checkpoint(latest)
+    del state["objects"]["nonfinite"]
+    torch.save(state, latest)
+    with pytest.raises(CheckpointError, match=r"holds no \['nonfinite'\] \(written by an older wartok\)"):
+        go()
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, (f"touch {MARKER}",))

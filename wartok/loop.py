@@ -62,7 +62,8 @@ class Averages:
     steps do not report (a signal computed every n-th step) is averaged over the steps that
     reported it; a skipped non-finite step (keep=False) adds nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
@@ -85,7 +86,9 @@ class Averages:
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        # on the device, as the steps' scalars are (checkpoints load on the CPU)
+        self.sums, self.counts = ({key: torch.as_tensor(value, dtype=torch.float32).to(self.device)
+                                   for key, value in state[part].items()} for part in ("sums", "counts"))
 
 
 class NonFiniteSteps:
@@ -97,7 +100,7 @@ class NonFiniteSteps:
     skipped."""
 
     def __init__(self, name: str, cfg: CheckpointConfig, device: torch.device):
-        self.name, self.cfg = name, cfg
+        self.name, self.cfg, self.device = name, cfg, device
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.first_loss = torch.zeros((), device=device)
@@ -125,7 +128,8 @@ class NonFiniteSteps:
         return {"count": self.count, "first_step": self.first_step, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count, self.first_step, self.first_loss = state["count"], state["first_step"], state["first_loss"]
+        self.count, self.first_step, self.first_loss = (state[key].to(self.device)  # checkpoints load on the CPU
+                                                        for key in ("count", "first_step", "first_loss"))
 
 
 def run_stage(
@@ -150,7 +154,7 @@ def run_stage(
     clipped = params + [p for group, _ in extra_groups for p in group]
     optimizer = build_optimizer(params, stage.optim, extra_groups)
     schedule = warmup_cosine(optimizer, stage.optim, stage.steps)
-    averages, nonfinite, last = Averages(), NonFiniteSteps(name, ctx.checkpoint, ctx.device), {}
+    averages, nonfinite, last = Averages(ctx.device), NonFiniteSteps(name, ctx.checkpoint, ctx.device), {}
     objects = {**(stateful or {}), "optimizer": optimizer, "schedule": schedule, "averages": averages,
                "nonfinite": nonfinite}
     saver = None if ctx.checkpoint_dir is None else StageCheckpointer(
@@ -201,8 +205,8 @@ def save(saver: StageCheckpointer, step: int, objects: dict[str, Any], ctx: Stag
     ranks = None
     if dist.world_size() > 1:
         averages = objects["averages"].state_dict()
-        mine = {"rng": rng_state(), "averages": {"sums": {k: v.cpu() for k, v in averages["sums"].items()},
-                                                 "counts": averages["counts"]}}
+        mine = {"rng": rng_state(), "averages": {part: {k: v.cpu() for k, v in averages[part].items()}
+                                                 for part in ("sums", "counts")}}
         ranks = dist.all_gather_objects(mine)
     if not dist.is_main():
         return
