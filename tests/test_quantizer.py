@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wartok.models.quantizer import QuantizerConfig, VectorQuantizer
+from wartok.models.quantizer import QuantizerConfig, VectorQuantizer, code_counts
 from wartok.validate import ConfigError
 
 
@@ -137,3 +137,11 @@ def test_config_errors(kw, name):
 def test_distance_error_lists_allowed_values():
     with pytest.raises(ConfigError, match="l2, cosine"):
         QuantizerConfig(distance="dot")
+
+
+def test_code_counts_are_bincounts_including_unused_codes():
+    indices = torch.randint(50, (4, 64), generator=torch.Generator().manual_seed(0))  # codes 50..63 never hit
+    counts = code_counts(indices, 64)
+    assert counts.dtype == torch.float32 and counts.shape == (64,)
+    assert torch.equal(counts, torch.bincount(indices.flatten(), minlength=64).float())
+    assert counts[50:].sum() == 0 and counts.sum() == indices.numel()

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from wartok.optim import fused_adamw
 from wartok.models.gpt import GPT, GPTConfig, PRESETS as GPT_PRESETS, gpt_config
+from wartok.optim import fused_adamw
 from wartok.validate import ConfigError, check_choice, check_finite, check_int, check_unit_interval
 
 TRACKER_INITS = ("target", "scratch")
