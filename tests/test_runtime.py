@@ -1,6 +1,7 @@
 """The GPU fast paths on the CPU: torch.compile and its eager fallback, channels-last
-convolutions, fused AdamW's skip of a flagged step, and the SLURM thread count. Each must either run the
-same numbers as the plain path or fall back to it cleanly."""
+convolutions, fused AdamW's skip of a flagged step, and the SLURM thread count. Each must either
+run the same numbers as the plain path or fall back to it cleanly. And training steps that read
+nothing back from the device between log lines (on a GPU, each such read is a sync)."""
 import copy
 import inspect
 import logging

@@ -51,7 +51,7 @@ class CheckpointConfig:
     every: int = 0                  # optimizer steps between checkpoints inside a stage; 0: only at its end
     keep: int = 2                   # checkpoints kept per stage (the newest)
     resume: Optional[str] = None    # a checkpoint file to resume its stage from; missing file: error
-    on_nonfinite: str = "fail"      # fail: stop as failed (at the next log line or checkpoint) | skip: skip the step, count it
+    on_nonfinite: str = "fail"      # fail: stop as failed, at the next log line or checkpoint | skip: count it
     max_nonfinite: int = 10         # skip: more skipped steps than this in one stage fail the run
 
     def __post_init__(self) -> None:

@@ -87,8 +87,8 @@ class Averages:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # on the device, as the steps' scalars are (checkpoints load on the CPU)
-        self.sums, self.counts = ({key: torch.as_tensor(value, dtype=torch.float32).to(self.device)
-                                   for key, value in state[part].items()} for part in ("sums", "counts"))
+        self.sums, self.counts = ({key: value.to(self.device) for key, value in state[part].items()}
+                                  for part in ("sums", "counts"))
 
 
 class NonFiniteSteps:
