@@ -107,6 +107,25 @@ def test_refresh_schedule_and_ema_target(shared) -> None:
     assert any(moved)  # the EMA target followed the tracker; stage B's target did not move
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_tracker_and_online_target_train_under_the_runs_precision(shared, precision, dtype) -> None:
+    """The upkeep steps run outside the tokenizer step's autocast; a bf16 run must not pay for
+    them in float32 (on a GPU that is several times their bf16 cost)."""
+    cfg, _, _, _, target = shared
+    prior = dataclasses.replace(cfg.tvc.prior, target=dataclasses.replace(cfg.tvc.prior.target, mode="online"))
+    term = build_prior_term("wartok", target, prior, seed=0, precision=precision)
+    seen: dict[str, torch.dtype] = {}
+    for name, model in (("tracker", term.models.tracker), ("target", term.models.target)):
+        model.lm_head.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.dtype))
+    before = [p.detach().clone() for p in term.models.tracker.parameters()]
+    term._last = (torch.randint(cfg.prior.vocab_size, (8, cfg.prior.block_size)), None)
+    scalars = term.after_step(0)
+    assert seen == {"tracker": dtype, "target": dtype}
+    assert torch.isfinite(scalars["tracker_refresh_ce"]) and torch.isfinite(scalars["target_update_ce"])
+    assert all(p.dtype == torch.float32 for p in term.models.tracker.parameters())  # weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, term.models.tracker.parameters()))
+
+
 def token_histogram(tokenizer: torch.nn.Module, dataset, codebook_size: int) -> torch.Tensor:
     tokens, _ = extract_tokens(tokenizer, dataset, 256, torch.device("cpu"), "fp32")
     return torch.bincount(tokens.flatten(), minlength=codebook_size).double() / tokens.numel()

@@ -129,7 +129,7 @@ def method_step(method: str, tokenizer: ConvTokenizer, target: GPT, batch: int, 
     prior_cfg = dataclasses.replace(tvc.prior, sub_batch=sub_batch,
                                     tracker=dataclasses.replace(tvc.prior.tracker, refresh_every=refresh_every))
     tvc = dataclasses.replace(tvc, prior=prior_cfg)
-    term = build_prior_term(method, target, prior_cfg, seed=0)
+    term = build_prior_term(method, target, prior_cfg, seed=0, precision=precision)
     ctx = StageContext(device=device, precision=precision, log=None)
     step_fn = tokenizer_step_fn(tokenizer, synthetic_batches(batch, device), tvc, ctx, term)
     groups = [] if term is None else term.param_groups()
@@ -150,7 +150,7 @@ def method_step(method: str, tokenizer: ConvTokenizer, target: GPT, batch: int, 
 def wgf_parts(tokenizer: ConvTokenizer, target: GPT, batch: int, device: torch.device,
               precision: str) -> dict[str, Callable[[], None]]:
     """wartok's extra cost, part by part: the two teacher-forced AR passes, one tracker refresh."""
-    term = build_prior_term("wartok", target, TVCConfig().prior, seed=0)
+    term = build_prior_term("wartok", target, TVCConfig().prior, seed=0, precision=precision)
     tokens = torch.randint(tokenizer.codebook_size, (batch, tokenizer.num_tokens), device=device)
 
     def forwards() -> None:

@@ -43,9 +43,9 @@ def _cond(model: GPT, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 class WGFTerm:
     """wAR-Tok's prior-matching signal (METHOD.md), with tracker q_phi and target p_theta."""
 
-    def __init__(self, target: GPT, cfg: PriorTermConfig, seed: int):
+    def __init__(self, target: GPT, cfg: PriorTermConfig, seed: int, precision: str = "fp32"):
         self.cfg = cfg
-        self.models = TrackerTarget(copy.deepcopy(target), cfg.tracker, cfg.target, seed)
+        self.models = TrackerTarget(copy.deepcopy(target), cfg.tracker, cfg.target, seed, precision)
         self._last: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def terms(self, tokenizer: torch.nn.Module, out: Any, labels: Optional[torch.Tensor],
@@ -127,11 +127,12 @@ class JointTerm:
         self.prior.load_state_dict(state["prior"])
 
 
-def build_prior_term(method: str, target: GPT, cfg: PriorTermConfig, seed: int):
-    """None for two_stage; else the method's term, built around a copy of stage B's target."""
+def build_prior_term(method: str, target: GPT, cfg: PriorTermConfig, seed: int, precision: str = "fp32"):
+    """None for two_stage; else the method's term, built around a copy of stage B's target.
+    precision: the run's (fp32 | bf16), for the AR training steps the term runs on its own."""
     kind = PRIOR_KIND[method]
     if kind == "wgf":
-        return WGFTerm(target, cfg, seed)
+        return WGFTerm(target, cfg, seed, precision)
     if kind == "ce":
         return JointTerm(target, cfg)
     return None

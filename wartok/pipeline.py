@@ -227,7 +227,8 @@ def stage_c(cfg: RunConfig, data: DataBundle, tokenizer: torch.nn.Module, target
     seed_everything(stage_seed(cfg, "c"))
     if cfg.stage_c.steps == 0:
         return
-    prior_term = build_prior_term(cfg.method, target, cfg.tvc.prior, seed=stage_seed(cfg, "c"))
+    prior_term = build_prior_term(cfg.method, target, cfg.tvc.prior, seed=stage_seed(cfg, "c"),
+                                  precision=cfg.precision)
     batches = BatchStream(data.train_loader, stage_seed(cfg, "c"))
     train_tokenizer("c", maybe_compile(tokenizer, cfg.compile), batches, cfg.stage_c, cfg.tvc, ctx,
                     prior_term=prior_term)

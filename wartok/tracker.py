@@ -23,6 +23,7 @@ import torch
 
 from wartok.models.gpt import GPT, GPTConfig, PRESETS as GPT_PRESETS, gpt_config
 from wartok.optim import fused_adamw
+from wartok.runtime import autocast
 from wartok.validate import ConfigError, check_choice, check_finite, check_int, check_unit_interval
 
 TRACKER_INITS = ("target", "scratch")
@@ -120,11 +121,13 @@ def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.opti
 
 
 def _mle_step(model: GPT, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-              labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """One next-token cross-entropy step on detached tokens (B, T); returns the loss before the step."""
+              labels: Optional[torch.Tensor], precision: str) -> torch.Tensor:
+    """One next-token cross-entropy step on detached tokens (B, T); returns the loss before the step.
+    The forward runs under the run's precision (bf16 autocast on a bf16 run), the backward outside it."""
     model.train()
     cond = labels if model.config.num_classes > 0 else None
-    _, loss = model(tokens, cond=cond, targets=tokens)
+    with autocast(tokens.device, precision):
+        _, loss = model(tokens, cond=cond, targets=tokens)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -135,8 +138,9 @@ def _mle_step(model: GPT, optimizer: torch.optim.Optimizer, tokens: torch.Tensor
 class TrackerTarget:
     """Owns q_phi and p_theta, their optimizers, the replay buffer and the refresh schedule."""
 
-    def __init__(self, target: GPT, tracker_cfg: TrackerConfig, target_cfg: TargetConfig, seed: int):
-        self.tracker_cfg, self.target_cfg = tracker_cfg, target_cfg
+    def __init__(self, target: GPT, tracker_cfg: TrackerConfig, target_cfg: TargetConfig, seed: int,
+                 precision: str = "fp32"):
+        self.tracker_cfg, self.target_cfg, self.precision = tracker_cfg, target_cfg, precision
         device = next(target.parameters()).device
         self.target = target.requires_grad_(target_cfg.mode == "online")
         tracker_config = tracker_gpt_config(tracker_cfg, target.config)
@@ -159,11 +163,12 @@ class TrackerTarget:
             for _ in range(self.tracker_cfg.refresh_steps):
                 batch, batch_labels = ((tokens, labels) if self.tracker_cfg.source == "batch"
                                        else self.replay.draw(self.generator))
-                scalars["tracker_refresh_ce"] = _mle_step(self.tracker, self.tracker_opt, batch, batch_labels)
+                scalars["tracker_refresh_ce"] = _mle_step(self.tracker, self.tracker_opt, batch, batch_labels,
+                                                          self.precision)
             if self.target_cfg.mode == "ema":
                 self._ema_update()
         if self.target_opt is not None and (step + 1) % self.target_cfg.every == 0:
-            scalars["target_update_ce"] = _mle_step(self.target, self.target_opt, tokens, labels)
+            scalars["target_update_ce"] = _mle_step(self.target, self.target_opt, tokens, labels, self.precision)
         return scalars
 
     @torch.no_grad()
