@@ -112,6 +112,23 @@ def test_dead_code_restart_moves_unused_code():
     assert q.cluster_size[2].item() == pytest.approx(1.0)
 
 
+def test_dead_codes_restart_from_distinct_latents_then_cycle():
+    """Four dead codes, three latents: the first three restart from three different latents, the
+    fourth reuses one; live codes and their sizes stay."""
+    q = VectorQuantizer(QuantizerConfig(codebook_size=6, dim=2, dead_code_restart=True, dead_code_threshold=0.5))
+    with torch.no_grad():
+        q.embedding.copy_(torch.tensor([[1.0, 0.0], [50.0, 50.0], [-1.0, 0.0], [60.0, 60.0], [70.0, 70.0], [80.0, 80.0]]))
+        q.cluster_size.copy_(torch.tensor([5.0, 0.0, 5.0, 0.0, 0.0, 0.0]))
+    z = torch.tensor([[[0.9, 0.1], [-1.1, 0.2], [1.2, -0.3]]])
+    q.train()(z)
+    latents = [tuple(zi.tolist()) for zi in z[0]]
+    restarted = [tuple(q.embedding[k].tolist()) for k in (1, 3, 4, 5)]
+    assert all(code in latents for code in restarted)
+    assert len(set(restarted[:3])) == 3 and restarted[3] in restarted[:3]
+    torch.testing.assert_close(q.embedding[[0, 2]], torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    torch.testing.assert_close(q.cluster_size[[1, 3, 4, 5]], torch.ones(4))
+
+
 def test_training_step_backward_after_in_place_update():
     """EMA/restart write the codebook in place; backward through the logits must still work."""
     q = _quantizer(ema=True, dead_code_restart=True, dead_code_threshold=2.0).train()

@@ -3,6 +3,7 @@ convolutions, fused AdamW's skip of a flagged step, and the SLURM thread count. 
 run the same numbers as the plain path or fall back to it cleanly. And training steps that read
 nothing back from the device between log lines (on a GPU, each such read is a sync)."""
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -173,11 +174,17 @@ def reads_in_steps(reads: list[set[str]]) -> list[set[str]]:
     return [callers for callers in reads if callers and not callers & ALLOWED_READERS]
 
 
-def tokenizer_stage(method: str, device: torch.device, tmp_path) -> Callable[[], dict[str, float]]:
+def tokenizer_stage(method: str, device: torch.device, tmp_path,
+                    restarts: bool = False) -> Callable[[], dict[str, float]]:
     """Builds six stage-C steps of `method` with tiny models, logging every third; calling the
-    result trains them and returns the last averages."""
+    result trains them and returns the last averages. restarts: EMA codebook with dead-code
+    restarts, at a threshold that restarts codes every step."""
     torch.manual_seed(0)
-    tokenizer = ConvTokenizer(conv_tokenizer_config("tiny")).to(device)
+    config = conv_tokenizer_config("tiny")
+    if restarts:
+        config = dataclasses.replace(config, quantizer=dataclasses.replace(
+            config.quantizer, ema=True, dead_code_restart=True, dead_code_threshold=0.5))
+    tokenizer = ConvTokenizer(config).to(device)
     target = GPT(gpt_config("tiny", tokenizer.codebook_size, tokenizer.num_tokens)).to(device)
     term = build_prior_term(method, target, TVCConfig().prior, seed=0)
     ctx = StageContext(device=device, precision="fp32", log=ScalarLog(tmp_path / "scalars.jsonl"))
@@ -185,9 +192,10 @@ def tokenizer_stage(method: str, device: torch.device, tmp_path) -> Callable[[],
     return lambda: train_tokenizer("c", tokenizer, batches, stage, TVCConfig(), ctx, term).last
 
 
-@pytest.mark.parametrize("method", ["two_stage", "joint", "wartok"])
-def test_training_steps_read_nothing_back_from_the_device(method, monkeypatch, tmp_path):
-    train = tokenizer_stage(method, torch.device("cpu"), tmp_path)
+@pytest.mark.parametrize("method, restarts", [("two_stage", False), ("joint", False), ("wartok", False),
+                                              ("two_stage", True)])
+def test_training_steps_read_nothing_back_from_the_device(method, restarts, monkeypatch, tmp_path):
+    train = tokenizer_stage(method, torch.device("cpu"), tmp_path, restarts)
     reads = record_host_reads(monkeypatch)
     last = train()
     monkeypatch.undo()
@@ -198,8 +206,9 @@ def test_training_steps_read_nothing_back_from_the_device(method, monkeypatch, t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["two_stage", "joint", "wartok"])
-def test_on_a_gpu_training_steps_never_synchronise(method, monkeypatch, tmp_path):
+@pytest.mark.parametrize("method, restarts", [("two_stage", False), ("joint", False), ("wartok", False),
+                                              ("two_stage", True)])
+def test_on_a_gpu_training_steps_never_synchronise(method, restarts, monkeypatch, tmp_path):
     """CUDA's own sync detector raises on any synchronising call outside the loop's log lines,
     checkpoints and non-finite check (bincount, nonzero, .item(), a D2H copy, ...)."""
     for owner, name in ((NonFiniteSteps, "check"), (Averages, "pop")):
@@ -210,7 +219,7 @@ def test_on_a_gpu_training_steps_never_synchronise(method, monkeypatch, tmp_path
             finally:
                 torch.cuda.set_sync_debug_mode("error")
         monkeypatch.setattr(owner, name, allowed)
-    train = tokenizer_stage(method, torch.device("cuda"), tmp_path)
+    train = tokenizer_stage(method, torch.device("cuda"), tmp_path, restarts)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -194,25 +194,24 @@ class VectorQuantizer(nn.Module):
         return (self.cluster_size + LAPLACE_EPS) / (n + K * LAPLACE_EPS) * n
 
     def _restart_dead(self, flat_z: torch.Tensor) -> None:
-        # Reads the number of dead codes back to the host: the one sync per step that
-        # dead_code_restart=true costs (it is off by default).
+        """Re-initialise codes whose EMA cluster size fell below the threshold from latents of the
+        batch: distinct latents while there are enough of them (cyclically after that).
+
+        Fixed shapes throughout (a candidate for every code, kept only where the code is dead):
+        selecting just the dead codes would need their count on the host, a device sync every
+        step. The permutation is drawn every step, dead codes or not.
+        """
         dead = self.cluster_size < self.config.dead_code_threshold  # (K,)
-        if _distributed():
+        perm = torch.randperm(flat_z.shape[0], device=flat_z.device)  # (N,)
+        rank_among_dead = (dead.cumsum(0) - 1).clamp_min(0)  # (K,) 0, 1, ... over the dead codes
+        candidates = flat_z[perm[rank_among_dead % flat_z.shape[0]]].to(self.embedding.dtype)  # (K, d)
+        if _distributed():  # rank 0's choice, so every rank keeps the same codebook
             dist.broadcast(dead, src=0)
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        # without replacement when the batch has enough latents, so restarted codes differ
-        if flat_z.shape[0] >= num_dead:
-            pick = torch.randperm(flat_z.shape[0], device=flat_z.device)[:num_dead]
-        else:
-            pick = torch.randint(flat_z.shape[0], (num_dead,), device=flat_z.device)
-        new_codes = flat_z[pick].to(self.embedding.dtype)  # (num_dead, d)
-        if _distributed():
-            dist.broadcast(new_codes, src=0)
-        self.embedding[dead] = new_codes
+            dist.broadcast(candidates, src=0)
+        self.embedding.copy_(torch.where(dead.unsqueeze(1), candidates, self.embedding))
         # the restarted code now holds about one latent; it must be used to stay alive
-        self.cluster_size[dead] = max(1.0, self.config.dead_code_threshold)
+        restarted_size = max(1.0, self.config.dead_code_threshold)
+        self.cluster_size.copy_(torch.where(dead, restarted_size, self.cluster_size))
 
     def extra_repr(self) -> str:
         c = self.config
