@@ -28,6 +28,10 @@ def test_the_bench_prints_every_row_and_writes_them_as_json(tmp_path, capsys):
     assert two_stage["tflops"] > 0 and two_stage["mfu"] is None
     assert next(row for name, row in rows.items() if name.startswith("prior train step"))["tflops"] > 0
     assert payload["environment"]["gpu"] is None and payload["args"]["tokenizer"] == "tiny"
+    # wartok's extra FLOPs are its two part rows, all of it (the rest is the (B, T, K) distances)
+    wartok = next(row for name, row in rows.items() if name.startswith("stage C step wartok refresh_every=1"))
+    parts = sum(row["gflop"] for name, row in rows.items() if name.startswith("wartok: "))
+    assert abs(wartok["gflop"] - (two_stage["gflop"] + parts)) < 0.01 * wartok["gflop"]
 
 
 def test_mfu_uses_the_given_peak_for_bf16_rows():

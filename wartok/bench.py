@@ -8,7 +8,7 @@ wartok's extra cost split into the two AR forward passes and one tracker refresh
 train step, sampling with and without the KV cache and with the static cache (a CUDA graph on
 GPUs, the same static-shape code eagerly on CPUs), Inception feature extraction, with `--compile`
 the compiled steps, and with `--scaling` the step times against codebook size K, sequence length
-T and batch size. Training rows also report achieved TFLOP/s (FLOPs counted once per call with
+T and batch size. Training rows also report their FLOPs per call and the achieved TFLOP/s (counted with
 torch.utils.flop_counter) and, on a GPU whose bf16 dense peak is known (or --peak-tflops), the
 model FLOPs utilisation (MFU). Peak memory is the CUDA allocator's peak on GPUs and the
 process's peak RSS on CPUs.
@@ -48,6 +48,7 @@ class Row:
     rate: float         # units per second
     peak_mem_mb: float
     ratio: Optional[float] = None  # median time / the two_stage tokenizer step's (method rows)
+    gflop: Optional[float] = None   # counted FLOPs per call, in 1e9 (training rows)
     tflops: Optional[float] = None  # achieved TFLOP/s of the counted FLOPs (training rows)
     mfu: Optional[float] = None     # tflops / the device's bf16 dense peak, where known
 
@@ -101,7 +102,8 @@ def measure(name: str, unit: str, per_call: float, fn: Callable[[], None], devic
     median = statistics.median(times)
     row = Row(name, unit, median, per_call / median, _peak_mem_mb(device))
     if flops:
-        row.tflops = count_flops(fn) / median / 1e12
+        row.gflop = count_flops(fn) / 1e9
+        row.tflops = row.gflop / median / 1e3
     return row
 
 
@@ -208,7 +210,7 @@ def method_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
                             method_step("wartok", tokenizer, target, B, device, args.precision, 1, args.sub_batch),
                             device, w, r))
     for name, fn in wgf_parts(tokenizer, target, B, device, args.precision).items():
-        rows.append(measure(f"{name} {tag}", "calls/s", 1, fn, device, w, r))
+        rows.append(measure(f"{name} {tag}", "calls/s", 1, fn, device, w, r, flops=True))
     base = rows[0].median_s
     for row in rows:
         row.ratio = row.median_s / base
@@ -288,14 +290,15 @@ def fid_row(images: int, device: torch.device) -> Row:
 
 def format_table(rows: list[Row]) -> str:
     header = (f"{'benchmark':<72} {'median ms':>10} {'x two_stage':>11} {'rate':>10} {'unit':<9} "
-              f"{'peak MB':>8} {'TFLOP/s':>8} {'MFU':>6}")
+              f"{'peak MB':>8} {'GFLOP':>7} {'TFLOP/s':>8} {'MFU':>6}")
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
+        gflop = "" if row.gflop is None else f"{row.gflop:.1f}"
         tflops = "" if row.tflops is None else f"{row.tflops:.3f}"
         mfu = "" if row.mfu is None else f"{row.mfu:.1%}"
         lines.append(f"{row.name:<72} {row.median_s * 1e3:>10.1f} {ratio:>11} {row.rate:>10.1f} {row.unit:<9} "
-                     f"{row.peak_mem_mb:>8.0f} {tflops:>8} {mfu:>6}")
+                     f"{row.peak_mem_mb:>8.0f} {gflop:>7} {tflops:>8} {mfu:>6}")
     return "\n".join(lines)
 
 
