@@ -8,9 +8,9 @@ wartok's extra cost split into the two AR forward passes and one tracker refresh
 train step, sampling with and without the KV cache and with the static cache (a CUDA graph on
 GPUs, the same static-shape code eagerly on CPUs), Inception feature extraction, with `--compile`
 the compiled steps, and with `--scaling` the step times against codebook size K, sequence length
-T and batch size. Training rows also report their FLOPs per call and the achieved TFLOP/s (counted with
-torch.utils.flop_counter) and, on a GPU whose bf16 dense peak is known (or --peak-tflops), the
-model FLOPs utilisation (MFU). Peak memory is the CUDA allocator's peak on GPUs and the
+T and batch size. Training rows also report their FLOPs per call and the achieved TFLOP/s
+(counted with torch.utils.flop_counter) and, on a GPU whose bf16 dense peak is known (or
+--peak-tflops), the model FLOPs utilisation (MFU). Peak memory is the CUDA allocator's peak on GPUs and the
 process's peak RSS on CPUs.
 """
 from __future__ import annotations
