@@ -29,9 +29,12 @@ def test_the_bench_prints_every_row_and_writes_them_as_json(tmp_path, capsys):
     assert next(row for name, row in rows.items() if name.startswith("prior train step"))["tflops"] > 0
     assert payload["environment"]["gpu"] is None and payload["args"]["tokenizer"] == "tiny"
     # wartok's extra FLOPs are its two part rows, all of it (the rest is the (B, T, K) distances)
-    wartok = next(row for name, row in rows.items() if name.startswith("stage C step wartok refresh_every=1"))
-    parts = sum(row["gflop"] for name, row in rows.items() if name.startswith("wartok: "))
-    assert abs(wartok["gflop"] - (two_stage["gflop"] + parts)) < 0.01 * wartok["gflop"]
+    # and a step refreshing every n-th time is charged 1/n of a refresh (timed over whole cycles)
+    part = {name.split(" (")[0]: row["gflop"] for name, row in rows.items() if name.startswith("wartok: ")}
+    for every in (1, 4, 16):
+        wartok = next(row for name, row in rows.items() if name.startswith(f"stage C step wartok refresh_every={every} "))
+        expected = two_stage["gflop"] + part["wartok: the two AR forward passes"] + part["wartok: one tracker refresh"] / every
+        assert abs(wartok["gflop"] - expected) < 0.01 * expected, every
 
 
 def test_mfu_uses_the_given_peak_for_bf16_rows():
