@@ -31,7 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from wartok.config import OptimConfig
-from wartok.models import GPT, ConvTokenizer, conv_tokenizer_config, generate, gpt_config
+from wartok.models import (CONV_TOKENIZER_PRESETS, GPT, GPT_PRESETS, ConvTokenizer, conv_tokenizer_config, generate,
+                           gpt_config)
 from wartok.optim import build_optimizer
 from wartok.method import build_prior_term
 from wartok.runtime import autocast, configure_backends, maybe_compile, resolve_device
@@ -122,9 +123,9 @@ def measure_cycle(name: str, every: int, step: Callable[[], None], device: torch
     return row
 
 
-def synthetic_batches(batch: int, device: torch.device, num_classes: int = 10) -> Iterator:
+def synthetic_batches(batch: int, device: torch.device, num_classes: int = 10, image_size: int = 32) -> Iterator:
     """One fixed batch of images in [-1, 1] with labels, forever (timings, not numbers)."""
-    images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
     labels = torch.arange(batch, device=device) % num_classes
     while True:
         yield images, labels
@@ -148,7 +149,8 @@ def method_step(method: str, tokenizer: ConvTokenizer, target: GPT, batch: int, 
     tvc = dataclasses.replace(tvc, prior=prior_cfg)
     term = build_prior_term(method, target, prior_cfg, seed=0, precision=precision)
     ctx = StageContext(device=device, precision=precision, log=None)
-    step_fn = tokenizer_step_fn(tokenizer, synthetic_batches(batch, device), tvc, ctx, term)
+    step_fn = tokenizer_step_fn(tokenizer, synthetic_batches(batch, device, image_size=tokenizer.config.image_size),
+                                tvc, ctx, term)
     groups = [] if term is None else term.param_groups()
     optimizer = build_optimizer(tokenizer.parameters(), OptimConfig(), groups)
     counter = [0]
@@ -325,9 +327,10 @@ def environment(device: torch.device) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wartok.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default=None, choices=["tiny", "small", "base"],
-                        help="conv tokenizer preset (default: small on CPUs, base on GPUs)")
-    parser.add_argument("--prior", default=None, choices=["tiny", "small", "base", "large"],
+    parser.add_argument("--tokenizer", default=None, choices=list(CONV_TOKENIZER_PRESETS),
+                        help="conv tokenizer preset (default: small on CPUs, base on GPUs; base_f16 is "
+                             "the ImageNet-256 recipe's)")
+    parser.add_argument("--prior", default=None, choices=list(GPT_PRESETS),
                         help="GPT preset (default: small on CPUs, base on GPUs)")
     parser.add_argument("--batch", type=int, default=64, help="tokenizer batch size")
     parser.add_argument("--prior-batch", type=int, default=128)
