@@ -178,12 +178,12 @@ def tokenizer_stage(method: str, device: torch.device, tmp_path,
                     restarts: bool = False) -> Callable[[], dict[str, float]]:
     """Builds six stage-C steps of `method` with tiny models, logging every third; calling the
     result trains them and returns the last averages. restarts: EMA codebook with dead-code
-    restarts, at a threshold that restarts codes every step."""
+    restarts, at a threshold (100 hits, of 512 tokens a batch) that restarts every code every step."""
     torch.manual_seed(0)
     config = conv_tokenizer_config("tiny")
     if restarts:
         config = dataclasses.replace(config, quantizer=dataclasses.replace(
-            config.quantizer, ema=True, dead_code_restart=True, dead_code_threshold=0.5))
+            config.quantizer, ema=True, dead_code_restart=True, dead_code_threshold=100.0))
     tokenizer = ConvTokenizer(config).to(device)
     target = GPT(gpt_config("tiny", tokenizer.codebook_size, tokenizer.num_tokens)).to(device)
     term = build_prior_term(method, target, TVCConfig().prior, seed=0)
