@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import platform
 import resource
 import statistics
@@ -116,8 +117,8 @@ def measure_cycle(name: str, every: int, step: Callable[[], None], device: torch
     def cycle() -> None:
         for _ in range(every):
             step()
-    row = measure(name, "steps/s", every, cycle, device, min(warmup, 1) if every > 1 else warmup,
-                  max(3, -(-repeats // every)), flops=True)
+    row = measure(name, "steps/s", every, cycle, device, math.ceil(warmup / every),
+                  max(3, math.ceil(repeats / every)), flops=True)
     row.median_s /= every  # rate (steps/s) and TFLOP/s are per cycle already, hence per step
     row.gflop /= every
     return row
