@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from test_metrics import CPU, add_noise, make_cfg, smooth_images
-from wartok import fid_shards, metrics
-from wartok.metrics import MetricsConfig, ReferenceKey
+from wartok import fid_reference, fid_shards, metrics
+from wartok.fid_reference import ReferenceKey
+from wartok.metrics import MetricsConfig
 from wartok.validate import ConfigError
 
 TOTAL = 300
@@ -96,7 +97,7 @@ def test_npz_reference_gives_the_same_gfid_as_the_same_statistics(images, tmp_pa
     cfg = make_cfg(tmp_path)
     key = ReferenceKey("synthetic", "train", 16, len(train))
     from_train = metrics.generation_metrics(samples, train, cfg, 0, CPU, key)
-    ref = metrics.reference_statistics(key, train, cfg, CPU)
+    ref = fid_reference.reference_statistics(key, train, cfg, CPU)
     nhwc = train.permute(0, 2, 3, 1).numpy()  # the ADM evaluator stores its reference images NHWC
     path = write_npz(tmp_path / "VIRTUAL_synthetic.npz", mu=ref.mu, sigma=ref.sigma, arr_0=nhwc)
     with_npz = make_cfg(tmp_path, reference_npz=path)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from wartok import metrics
+from wartok import fid_features, fid_reference, metrics
 from wartok.data import TensorImages, _subset
-from wartok.metrics import MetricsConfig, ReferenceKey
+from wartok.fid_reference import ReferenceKey
+from wartok.metrics import MetricsConfig
 from wartok.validate import ConfigError
 
 CPU = torch.device("cpu")
@@ -139,8 +140,8 @@ def test_frechet_distance_matches_an_independent_computation():
     mix = rng.normal(size=(16, 16))
     f1 = rng.normal(size=(400, 16)) @ mix
     f2 = (rng.normal(size=(300, 16)) * 1.3 + 0.5) @ mix.T
-    mu1, s1 = metrics.feature_statistics(torch.from_numpy(f1).float())
-    mu2, s2 = metrics.feature_statistics(torch.from_numpy(f2).float())
+    mu1, s1 = fid_reference.feature_statistics(torch.from_numpy(f1).float())
+    mu2, s2 = fid_reference.feature_statistics(torch.from_numpy(f2).float())
     ours = metrics.frechet_distance(mu1, s1, mu2, s2)
     ref = scipy_frechet(f1.astype(np.float32).astype(np.float64), f2.astype(np.float32).astype(np.float64))
     assert ref > 1.0 and abs(ours - ref) / ref < 1e-4
@@ -148,7 +149,7 @@ def test_frechet_distance_matches_an_independent_computation():
 
 def test_frechet_distance_of_a_feature_set_with_itself_is_zero():
     f = torch.from_numpy(np.random.default_rng(1).normal(size=(500, 32))).float()
-    mu, sigma = metrics.feature_statistics(f)
+    mu, sigma = fid_reference.feature_statistics(f)
     assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-3
 
 
@@ -172,29 +173,29 @@ def test_reference_cache_hit_miss_and_corrupt_file(tmp_path):
     images = smooth_images(300, seed=3)
     key = ReferenceKey("synthetic", "train", 16, len(images))
     start = ProjectionExtractor.calls
-    first = metrics.reference_statistics(key, images, cfg, CPU)
+    first = fid_reference.reference_statistics(key, images, cfg, CPU)
     batches = ProjectionExtractor.calls - start
     assert batches == 3  # 300 images in batches of 128
 
     calls = ProjectionExtractor.calls
     loader_calls = []
-    second = metrics.reference_statistics(key, lambda: loader_calls.append(1) or images, cfg, CPU)
+    second = fid_reference.reference_statistics(key, lambda: loader_calls.append(1) or images, cfg, CPU)
     assert ProjectionExtractor.calls == calls and not loader_calls  # a hit neither loads nor extracts
     assert np.array_equal(first.mu, second.mu) and np.array_equal(first.sigma, second.sigma)
     assert np.array_equal(first.kid_features, second.kid_features) and second.n == 300
 
     other = dataclasses.replace(key, split="heldout")  # a changed key extracts again
-    metrics.reference_statistics(other, images, cfg, CPU)
+    fid_reference.reference_statistics(other, images, cfg, CPU)
     assert ProjectionExtractor.calls == calls + batches
 
-    ex = metrics.load_extractor(cfg, CPU)
-    path = metrics.reference_path(key, ex, cfg)
+    ex = fid_features.load_extractor(cfg, CPU)
+    path = fid_reference.reference_path(key, ex, cfg)
     assert path.is_file() and path.parent == tmp_path / "fid_stats"
     assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave no temp files
     path.write_bytes(b"not an npz file")
     calls = ProjectionExtractor.calls
     with pytest.warns(RuntimeWarning, match="rebuilding"):
-        rebuilt = metrics.reference_statistics(key, images, cfg, CPU)
+        rebuilt = fid_reference.reference_statistics(key, images, cfg, CPU)
     assert ProjectionExtractor.calls == calls + batches
     assert np.allclose(rebuilt.mu, first.mu) and np.load(path, allow_pickle=False)["n"] == 300
 
@@ -203,17 +204,17 @@ def test_reference_file_with_a_foreign_key_is_rebuilt(tmp_path):
     cfg = make_cfg(tmp_path)
     images = smooth_images(50, seed=4)
     key = ReferenceKey("synthetic", "train", 16, 50)
-    ref = metrics.reference_statistics(key, images, cfg, CPU)
-    path = metrics.reference_path(key, metrics.load_extractor(cfg, CPU), cfg)
+    ref = fid_reference.reference_statistics(key, images, cfg, CPU)
+    path = fid_reference.reference_path(key, fid_features.load_extractor(cfg, CPU), cfg)
     foreign = dataclasses.replace(ref, identity=json.dumps({"dataset": "other"}))
-    metrics._save_reference(path, foreign)
+    fid_reference._save_reference(path, foreign)
     with pytest.warns(RuntimeWarning, match="do not match"):
-        assert metrics.reference_statistics(key, images, cfg, CPU).identity == ref.identity
+        assert fid_reference.reference_statistics(key, images, cfg, CPU).identity == ref.identity
 
 
 def test_reference_count_must_match_the_key(tmp_path):
     with pytest.raises(ValueError, match="10 images"):
-        metrics.reference_statistics(ReferenceKey("s", "train", 16, 10), smooth_images(12), make_cfg(tmp_path), CPU)
+        fid_reference.reference_statistics(ReferenceKey("s", "train", 16, 10), smooth_images(12), make_cfg(tmp_path), CPU)
 
 
 # ----------------------------------------------------------------------------- entries
@@ -253,7 +254,7 @@ def test_num_threads_is_applied_while_extracting_and_restored(tmp_path, monkeypa
                                                                         (x.float().flatten(1)[:, :32],))[1])
     before = torch.get_num_threads()
     cfg = make_cfg(tmp_path, feature_extractor="wartok-test-proj-nologits", num_threads=1)
-    metrics.extract_features(smooth_images(4), metrics.load_extractor(cfg, CPU), cfg)
+    fid_features.extract_features(smooth_images(4), fid_features.load_extractor(cfg, CPU), cfg)
     assert seen == [1] and torch.get_num_threads() == before
 
 
@@ -270,7 +271,7 @@ def test_inception_fid_train_vs_test_is_far_below_train_vs_noise(tmp_path):
 
     cfg = MetricsConfig(cache_dir=str(tmp_path), batch_size=50)
     try:
-        ex = metrics.load_extractor(cfg, CPU)
+        ex = fid_features.load_extractor(cfg, CPU)
     except ConfigError as e:
         pytest.skip(f"Inception weights unavailable: {e}")
     data = build_data(DataConfig(name="fashion_mnist", image_size=32), seed=0)
@@ -288,7 +289,7 @@ def test_inception_fid_train_vs_test_is_far_below_train_vs_noise(tmp_path):
     if ex.isc_unavailable:  # the built file: no logits, so no Inception Score, ever
         assert vs_test["is"]["value"] is None and "logits" in vs_test["is"]["reason"]
     # The CPU speed-up (BN folded into convs, channels_last) keeps torch-fidelity's features.
-    plain = metrics.load_extractor(cfg, CPU, fast_cpu=False)
-    fast_f = metrics.extract_features(test[:8], ex, cfg)["2048"]
-    plain_f = metrics.extract_features(test[:8], plain, cfg)["2048"]
+    plain = fid_features.load_extractor(cfg, CPU, fast_cpu=False)
+    fast_f = fid_features.extract_features(test[:8], ex, cfg)["2048"]
+    plain_f = fid_features.extract_features(test[:8], plain, cfg)["2048"]
     assert (fast_f - plain_f).abs().max() < 1e-4

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from wartok import metrics, weights
+from wartok import fid_features, metrics, weights
 from wartok.validate import ConfigError
 
 
@@ -47,7 +47,7 @@ def test_a_code_running_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(ConfigError):
         weights.resolve_inception_weights(str(evil))
     with pytest.raises(ConfigError):  # the metrics path resolves (and so checks) weights before torch-fidelity loads them
-        metrics.load_extractor(metrics.MetricsConfig(inception_weights=str(evil)), torch.device("cpu"))
+        fid_features.load_extractor(metrics.MetricsConfig(inception_weights=str(evil)), torch.device("cpu"))
     with weights.force_weights_only_load(), pytest.raises(Exception):  # torch-fidelity's own weights_only=False load
         torch.load(evil, weights_only=False)
     assert not marker.exists()

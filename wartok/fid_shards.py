@@ -37,7 +37,9 @@ from wartok.checkpoint import load_checkpoint
 from wartok.config import load_run_config
 from wartok.data import build_data
 from wartok.evaluate import samples_uint8
-from wartok.metrics import Extractor, MetricsConfig, ReferenceKey
+from wartok.fid_features import Extractor, extract_features, load_extractor
+from wartok.fid_reference import ImagesOrLoader, ReferenceKey
+from wartok.metrics import MetricsConfig
 from wartok.models import GPT, TOKENIZERS
 from wartok.pipeline import stage_seed
 from wartok.results import atomic_write_text, atomic_writer
@@ -87,8 +89,8 @@ def shard_statistics(samples: torch.Tensor, cfg: MetricsConfig, device: torch.de
     start, stop = shard_range(total, shard, num_shards)
     if len(samples) != stop - start:
         raise ValueError(f"shard {shard} of {num_shards} over {total} samples holds {stop - start}, got {len(samples)}")
-    ex = metrics.load_extractor(cfg, device, isc=cfg.isc)
-    feats = metrics.extract_features(samples, ex, cfg)
+    ex = load_extractor(cfg, device, isc=cfg.isc)
+    feats = extract_features(samples, ex, cfg)
     fid = feats[ex.fid_layer].double().numpy()
     mean = fid.mean(axis=0)
     centred = fid - mean
@@ -159,14 +161,14 @@ def merge_statistics(shards: Sequence[ShardStatistics]) -> MergedStatistics:
                             identity=first.identity)
 
 
-def merged_generation_metrics(shards: Sequence[ShardStatistics], reference: metrics.ImagesOrLoader,
+def merged_generation_metrics(shards: Sequence[ShardStatistics], reference: ImagesOrLoader,
                               cfg: MetricsConfig, seed: int, device: torch.device,
                               reference_key: ReferenceKey) -> dict[str, dict]:
     """{"gfid", "gkid", "is"} of the merged shards, the entries `metrics.generation_metrics`
     gives for the same samples unsharded (the same reference rules: the training images under
     `reference_key`, or cfg.reference_npz), plus the number of shards."""
     merged = merge_statistics(shards)
-    ex = metrics.load_extractor(cfg, device, isc=cfg.isc)
+    ex = load_extractor(cfg, device, isc=cfg.isc)
     made_with = json.loads(merged.identity)
     if (made_with["extractor"], made_with["weights_sha256"]) != (ex.name, ex.weights_sha256):
         raise ValueError(f"the shards were featurised by {made_with['extractor']} (weights sha256 "

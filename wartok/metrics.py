@@ -9,10 +9,9 @@ reliability). FID on fewer than ``MIN_FID_SAMPLES`` images on either side is fla
 an Inception Score is recorded only when the extractor has a finite logits layer, else its value
 is None with the reason (the weights built offline have none).
 
-Reference statistics (mu, sigma of the FID features and up to ``KID_REFERENCE_MAX`` feature rows
-for KID) are stored as ``.npz`` (read with ``allow_pickle=False``) under a content key: data set,
-split, image size, channels, count, extractor, weights sha256. A file that does not load or does
-not match its key is rebuilt with a warning. Imports from wartok: ``validate``, ``weights``, ``runtime``, ``reference_npz``.
+The extractor and its feature loop are in ``wartok/fid_features.py``; the on-disk cache of real
+images' statistics (mu, sigma of the FID features and up to ``KID_REFERENCE_MAX`` feature rows
+for KID, under a content key) is in ``wartok/fid_reference.py``.
 
 A published gFID is computed against a fixed reference, not against whatever training images a
 run loads: ``metrics.reference_npz`` takes an ADM-evaluator-style ``.npz`` (``mu``, ``sigma`` of
@@ -24,42 +23,32 @@ Sharded gFID (many jobs, one merged number) is in ``wartok/fid_shards.py``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import hashlib
-import json
-import re
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import DataLoader, Dataset, Subset
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from wartok import weights
-from wartok.reference_npz import (NpzReference, check_reference_npz, load_reference_npz, npz_image_shape,
-                                  npz_reference_images)
-from wartok.results import atomic_writer
+from wartok.data import SUBSET_SEED
+from wartok.fid_features import INCEPTION, Extractor, extract_features, load_extractor
+from wartok.fid_reference import (ImagesOrLoader, Reference, ReferenceKey, feature_statistics, npz_kid_key,
+                                  reference_statistics)
+from wartok.reference_npz import check_reference_npz, load_reference_npz, npz_image_shape, npz_reference_images
 from wartok.runtime import ignore_stop_signals
 from wartok.validate import ConfigError, check_int
 
-INCEPTION = "inception-v3-compat"
 MIN_FID_SAMPLES = 2048       # below this (either side) FID is biased high: flagged reliable=False
-KID_REFERENCE_MAX = 10000    # reference feature rows kept for KID (10k x 2048 float32 = 82 MB)
-CACHE_FORMAT = 1             # bump when the cached arrays change meaning
-SELECTION_SEED = 20240601    # = wartok.data.SUBSET_SEED: rfid_samples=N picks what data.heldout_subset=N would
 TORCH_FIDELITY_VERSION = torch_fidelity.__version__
-ImagesOrLoader = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 def _check_bool(name: str, value: bool) -> None:
@@ -128,28 +117,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return u.expand(-1, 3, -1, -1).contiguous() if u.shape[1] == 1 else u.contiguous()
 
 
-class UInt8Images(Dataset):
-    """uint8 (N, 3, H, W) images in memory, one (3, H, W) tensor per item, for torch-fidelity's loader."""
-
-    def __init__(self, images: torch.Tensor):
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        self.images = images.cpu()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i]
-
-
 def subset_indices(total: int, count: int) -> list[int]:
-    """The first ``count`` indices (0 = all, in order) of a permutation fixed by SELECTION_SEED."""
+    """The first ``count`` indices (0 = all, in order) of a permutation fixed by wartok.data.SUBSET_SEED
+    (so rfid_samples=N picks what data.heldout_subset=N would)."""
     if count == 0 or count >= total:
         if count > total:
             raise ValueError(f"asked for {count} images, the split holds {total}")
         return list(range(total))
-    return torch.randperm(total, generator=torch.Generator().manual_seed(SELECTION_SEED))[:count].tolist()
+    return torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:count].tolist()
 
 
 def dataset_uint8(dataset: Dataset, count: int = 0, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
@@ -161,104 +136,6 @@ def dataset_uint8(dataset: Dataset, count: int = 0, num_workers: int = 0, batch_
     return torch.cat([to_uint8(images) for images, _ in loader])
 
 
-# ----------------------------------------------------------------------------- feature extractor
-@dataclass
-class Extractor:
-    """A torch-fidelity feature extractor ready to run, and what identifies its features."""
-
-    name: str
-    module: torch.nn.Module
-    fid_layer: str
-    kid_layer: str
-    isc_layer: Optional[str]          # None when IS is unavailable (then isc_unavailable says why)
-    isc_unavailable: Optional[str]
-    weights_sha256: str
-    device: torch.device
-
-
-def _state_sha256(module: torch.nn.Module) -> str:
-    """Checksum of an extractor's tensors, for extractors that take no weights file."""
-    h = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _speed_up_on_cpu(module: torch.nn.Module) -> torch.nn.Module:
-    """Fold each eval-mode BatchNorm into its conv, and go channels_last (oneDNN's fast layout):
-    1.6x on the project's 2-core CPU; features agree with the plain module to ~1e-5 (slow test)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for block in module.modules():
-        if isinstance(getattr(block, "bn", None), torch.nn.BatchNorm2d) and isinstance(getattr(block, "conv", None),
-                                                                                     torch.nn.Conv2d):
-            block.conv = fuse_conv_bn_eval(block.conv, block.bn)
-            block.bn = torch.nn.Identity()
-    return module.to(memory_format=torch.channels_last)
-
-
-@functools.lru_cache(maxsize=2)
-def _build_module(name: str, layers: tuple[str, ...], weights_path: Optional[str], weights_sha: Optional[str],
-                  device: str, fast_cpu: bool) -> torch.nn.Module:
-    """One torch-fidelity extractor per argument set (the checksum keys a rebuilt file apart)."""
-    kwargs = {"feature_extractor_weights_path": weights_path} if weights_path else {}
-    dev = torch.device(device)
-    with weights.force_weights_only_load(), (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
-        module = create_feature_extractor(name, list(layers), cuda=dev.type == "cuda", verbose=False, **kwargs)
-    return _speed_up_on_cpu(module) if fast_cpu and dev.type == "cpu" else module
-
-
-def _default_layer(cls: type, metric: str) -> Optional[str]:
-    try:
-        return cls.get_default_feature_layer_for_metric(metric)
-    except (KeyError, NotImplementedError):
-        return None
-
-
-def load_extractor(cfg: MetricsConfig, device: torch.device, isc: bool = False, fast_cpu: bool = True) -> Extractor:
-    """The configured extractor on ``device`` (built once per process); weights are resolved by
-    ``wartok.weights`` and every torch.load inside torch-fidelity is forced to weights_only=True.
-    ``isc`` adds the logits layer when there is a usable one."""
-    cls = FEATURE_EXTRACTORS_REGISTRY[cfg.feature_extractor]
-    fid_layer, kid_layer, isc_layer = (_default_layer(cls, m) for m in ("fid", "kid", "isc"))
-    path, sha = None, None
-    reason = None if isc_layer else f"unavailable: extractor {cfg.feature_extractor} has no logits layer"
-    if cfg.feature_extractor == INCEPTION:
-        path, sha = weights.resolve_inception_weights(cfg.inception_weights)
-        reason = weights.weights_info(path).isc_unavailable
-    layers = tuple(dict.fromkeys([fid_layer, kid_layer] + ([isc_layer] if isc and reason is None else [])))
-    device = torch.device(device)
-    module = _build_module(cfg.feature_extractor, layers, path, sha, str(device), fast_cpu)
-    return Extractor(name=cfg.feature_extractor, module=module, fid_layer=fid_layer, kid_layer=kid_layer,
-                     isc_layer=isc_layer if reason is None else None, isc_unavailable=reason,
-                     weights_sha256=sha or _state_sha256(module), device=device)
-
-
-@contextlib.contextmanager
-def _extraction_settings(cfg: MetricsConfig, device: torch.device):
-    """Full fp32 (TF32 off, whatever the run set), the configured CPU threads, the right GPU."""
-    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            yield
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
-
-
-def extract_features(images: torch.Tensor, ex: Extractor, cfg: MetricsConfig) -> dict[str, torch.Tensor]:
-    """{layer: float32 (N, D) CPU features} for uint8 (N, 3, H, W) images, in batches of cfg.batch_size."""
-    dataset = UInt8Images(images)
-    with _extraction_settings(cfg, ex.device):
-        feats = get_featuresdict_from_dataset(dataset, ex.module, cfg.batch_size, ex.device.type == "cuda",
-                                              save_cpu_ram=True, verbose=False)  # save_cpu_ram: no worker processes
-    return {k: v.float().cpu() for k, v in feats.items()}
-
-
 # ----------------------------------------------------------------------------- distances
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """FID between two Gaussians (mu (D,), sigma (D, D)), by torch-fidelity's implementation, in float64."""
@@ -267,106 +144,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID])
 
 
-def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(mu (D,), sigma (D, D)) of features (N, D), by torch-fidelity."""
-    stats = fid_features_to_statistics(features.float().cpu())
-    return stats["mu"], stats["sigma"]
-
-
 def kernel_distance(features1: np.ndarray, features2: np.ndarray, subset_size: int, subsets: int,
                     seed: int) -> tuple[float, float]:
     """torch-fidelity's KID (polynomial kernel, unbiased MMD^2): (mean, std) over random subsets."""
     out = kid_features_to_metric(torch.as_tensor(features1), torch.as_tensor(features2), kid_subsets=subsets,
                                  kid_subset_size=subset_size, rng_seed=seed, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
-
-
-# ----------------------------------------------------------------------------- reference cache
-@dataclass(frozen=True)
-class ReferenceKey:
-    """What real images a reference was computed from (with the extractor, the cache key)."""
-
-    dataset: str      # e.g. data.name
-    split: str        # "train" | "heldout"
-    image_size: int
-    count: int        # number of images actually used
-    channels: int = 3
-    source: str = ""  # whatever else selects the images: the folder of an imagefolder set, a data-level subset
-
-
-@dataclass
-class Reference:
-    mu: np.ndarray            # (D,)
-    sigma: np.ndarray         # (D, D)
-    kid_features: np.ndarray  # (min(n, KID_REFERENCE_MAX), D) float32
-    n: int
-    identity: str             # the JSON the cache key hashes
-
-
-def _identity(key: ReferenceKey, ex: Extractor) -> str:
-    return json.dumps({**asdict(key), "extractor": ex.name, "weights_sha256": ex.weights_sha256,
-                       "fid_layer": ex.fid_layer, "kid_layer": ex.kid_layer, "kid_max": KID_REFERENCE_MAX,
-                       "selection_seed": SELECTION_SEED, "format": CACHE_FORMAT}, sort_keys=True)
-
-
-def reference_path(key: ReferenceKey, ex: Extractor, cfg: MetricsConfig) -> Path:
-    """``<dataset>-<split>-<size>px-n<count>-<extractor>-<hash of the full identity>.npz`` in the stats dir."""
-    digest = hashlib.sha256(_identity(key, ex).encode()).hexdigest()[:16]
-    name = f"{key.dataset}-{key.split}-{key.image_size}px-n{key.count}-{ex.name}"
-    return cfg.stats_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{digest}.npz"
-
-
-def _load_reference(path: Path, identity: str) -> Optional[Reference]:
-    """The cached reference, or None when absent; a broken or mismatched file warns and returns None."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ref = Reference(mu=z["mu"], sigma=z["sigma"], kid_features=z["kid_features"], n=int(z["n"]),
-                            identity=str(z["identity"]))
-        d = ref.mu.shape[0]
-        if ref.identity != identity or ref.sigma.shape != (d, d) or ref.kid_features.shape[1:] != (d,):
-            raise ValueError("contents do not match the cache key")
-        if not (np.isfinite(ref.mu).all() and np.isfinite(ref.sigma).all()):
-            raise ValueError("non-finite statistics")
-        return ref
-    except Exception as e:  # a cache must never crash a run: anything unreadable is rebuilt
-        warnings.warn(f"wartok.metrics: reference statistics {path} are unreadable ({type(e).__name__}: {e}); "
-                      "rebuilding them", RuntimeWarning, stacklevel=3)
-        return None
-
-
-def _save_reference(path: Path, ref: Reference) -> None:
-    """Atomically: a temp file in the same folder, fsync, rename."""
-    with atomic_writer(path, "wb") as f:
-        np.savez(f, mu=ref.mu, sigma=ref.sigma, kid_features=ref.kid_features, n=np.int64(ref.n),
-                 identity=np.str_(ref.identity))
-
-
-def reference_statistics(key: ReferenceKey, images: ImagesOrLoader, cfg: MetricsConfig, device: torch.device,
-                         ex: Optional[Extractor] = None) -> Reference:
-    """Statistics of real images, extracted once per key and then read from the cache. ``images``
-    (uint8 (N, 3, H, W), N = key.count) may be a zero-argument function, called only on a miss."""
-    ex = ex or load_extractor(cfg, device)
-    path, identity = reference_path(key, ex, cfg), _identity(key, ex)
-    ref = _load_reference(path, identity)
-    if ref is not None:
-        return ref
-    images = images() if callable(images) else images
-    if len(images) != key.count:
-        raise ValueError(f"reference key says {key.count} images, got {len(images)}")
-    feats = extract_features(images, ex, cfg)
-    mu, sigma = feature_statistics(feats[ex.fid_layer])
-    ref = Reference(mu=mu, sigma=sigma, kid_features=feats[ex.kid_layer][:KID_REFERENCE_MAX].numpy(),
-                    n=len(images), identity=identity)
-    _save_reference(path, ref)
-    return ref
-
-
-# ----------------------------------------------------------------------------- published references
-def npz_kid_key(ref: NpzReference, count: int, image_size: int) -> ReferenceKey:
-    """The reference-cache key of an .npz's images (their KID features are extracted once)."""
-    return ReferenceKey("adm_npz", ref.sha256[:16], image_size, count, 3, f"adm_npz:{ref.sha256}")
 
 
 # ----------------------------------------------------------------------------- result entries
@@ -522,4 +305,3 @@ def extraction_rate(device: torch.device, n: int = 64, batch_size: int = 32, ima
     start = time.perf_counter()
     extract_features(images, ex, cfg)  # ends with a copy to the CPU, so no separate CUDA synchronize
     return n / (time.perf_counter() - start)
-

@@ -28,8 +28,10 @@ from wartok.config import RunConfig
 from wartok.data import DataBundle, build_data
 from wartok.evaluate import (code_histogram_stats, heldout_nll, reconstruction_psnr, reconstructions_uint8,
                              samples_uint8, save_reconstruction_grid, save_sample_grid)
+from wartok.fid_features import INCEPTION
+from wartok.fid_reference import ReferenceKey
 from wartok.method import build_prior_term
-from wartok.metrics import INCEPTION, ReferenceKey, dataset_uint8, generation_metrics, reconstruction_metrics, subset_indices
+from wartok.metrics import dataset_uint8, generation_metrics, reconstruction_metrics, subset_indices
 from wartok.models import TOKENIZERS, GPT
 from wartok.results import ScalarLog, flatten, metric
 from wartok.runtime import configure_backends, maybe_compile, resolve_device, seed_everything
