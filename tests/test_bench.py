@@ -3,6 +3,8 @@ two_stage row, FLOPs are counted, and the JSON holds the same rows (numbers, not
 checked: speed targets live in the benchmark, not in tests)."""
 import json
 
+import pytest
+
 from wartok import bench
 
 
@@ -44,3 +46,19 @@ def test_mfu_uses_the_given_peak_for_bf16_rows():
     rows = bench.run(args)
     counted = [row for row in rows if row.tflops is not None]
     assert counted and all(abs(row.mfu - row.tflops / 2.0) < 1e-12 for row in counted)
+
+
+def test_bad_arguments_and_missing_inception_weights_fail_before_anything_is_timed(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the bench started timing"))
+    for argv, expected in ((["--sub-batch", "-1"], "--sub-batch=-1 is not allowed; it must be >= 0"),
+                           (["--peak-tflops", "0"], "--peak-tflops=0.0 is not allowed; it must be > 0"),
+                           (["--fid-images", "-4"], "--fid-images=-4 is not allowed; it must be >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err, argv
+    missing = tmp_path / "inception.pth"
+    monkeypatch.setenv("WARTOK_INCEPTION_WEIGHTS", str(missing))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--fid-images", "8"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and str(missing) in err and "--fid-images 0" in err, err

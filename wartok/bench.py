@@ -39,6 +39,8 @@ from wartok.method import build_prior_term
 from wartok.runtime import autocast, configure_backends, maybe_compile, resolve_device
 from wartok.stages import StageContext, tokenizer_step_fn
 from wartok.tvc import TVCConfig
+from wartok.validate import ConfigError
+from wartok.weights import resolve_inception_weights
 from wartok.wgf import teacher_forced_logits
 
 
@@ -348,9 +350,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the device's bf16 dense peak for MFU (default: known NVIDIA parts)")
     parser.add_argument("--json", default=None, help="also write the table here as JSON")
     args = parser.parse_args(argv)
-    for name in ("batch", "prior_batch", "samples", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name, minimum in (("batch", 1), ("prior_batch", 1), ("samples", 1), ("repeats", 1), ("warmup", 0),
+                          ("sub_batch", 0), ("fid_images", 0)):
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; it must be >= {minimum}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops={args.peak_tflops} is not allowed; it must be > 0")
+    if args.fid_images:  # the Inception row comes last: a missing file must not cost the other rows
+        try:
+            resolve_inception_weights()
+        except ConfigError as e:
+            parser.error(f"{e}; or skip the Inception row with --fid-images 0")
     return args
 
 
