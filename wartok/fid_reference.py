@@ -87,7 +87,7 @@ def _load_reference(path: Path, identity: str) -> Optional[Reference]:
             raise ValueError("non-finite statistics")
         return ref
     except Exception as e:  # a cache must never crash a run: anything unreadable is rebuilt
-        warnings.warn(f"wartok.metrics: reference statistics {path} are unreadable ({type(e).__name__}: {e}); "
+        warnings.warn(f"wartok.fid_reference: reference statistics {path} are unreadable ({type(e).__name__}: {e}); "
                       "rebuilding them", RuntimeWarning, stacklevel=3)
         return None
 
