@@ -1,7 +1,7 @@
 """Image features for FID/KID/IS: torch-fidelity's extractor, built once per process, run offline.
 
-``load_extractor`` resolves the weights through ``wartok.weights`` (a local file, never a
-download) and forces every torch.load inside torch-fidelity to weights_only=True; on the CPU it
+``load_extractor`` resolves the weights through ``wartok.weights`` (a local file first; see
+its lookup order) and forces every torch.load inside torch-fidelity to weights_only=True; on the CPU it
 folds BatchNorm into the convolutions and goes channels_last (1.6x here). ``extract_features``
 feeds uint8 tensors straight to torch-fidelity's batched loop (no temporary PNG folders) in full
 fp32, whatever precision the run trains in. The metrics built on these features are in
