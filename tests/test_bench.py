@@ -4,6 +4,7 @@ checked: speed targets live in the benchmark, not in tests)."""
 import json
 
 import pytest
+import torch
 
 from wartok import bench
 
@@ -12,7 +13,7 @@ def test_the_bench_prints_every_row_and_writes_them_as_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--tokenizer", "tiny", "--prior", "tiny", "--batch", "4", "--prior-batch", "4",
                        "--sub-batch", "2", "--samples", "2", "--fid-images", "0", "--warmup", "0",
-                       "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+                       "--repeats", "1", "--refresh-every", "1", "4", "16", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     payload = json.loads(out.read_text())
     names = [row["name"] for row in payload["rows"]]
@@ -52,7 +53,8 @@ def test_bad_arguments_and_missing_inception_weights_fail_before_anything_is_tim
     monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the bench started timing"))
     for argv, expected in ((["--sub-batch", "-1"], "--sub-batch=-1 is not allowed; it must be >= 0"),
                            (["--peak-tflops", "0"], "--peak-tflops=0.0 is not allowed; it must be > 0"),
-                           (["--fid-images", "-4"], "--fid-images=-4 is not allowed; it must be >= 0")):
+                           (["--fid-images", "-4"], "--fid-images=-4 is not allowed; it must be >= 0"),
+                           (["--refresh-every", "4", "0"], "--refresh-every=4 0 is not allowed; each must be >= 1")):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2 and expected in capsys.readouterr().err, argv
@@ -62,3 +64,16 @@ def test_bad_arguments_and_missing_inception_weights_fail_before_anything_is_tim
         bench.main(["--fid-images", "8"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and str(missing) in err and "--fid-images 0" in err, err
+
+
+def test_flops_are_counted_on_the_first_warm_up_call_not_an_extra_one():
+    calls = []
+
+    def matmul() -> None:
+        calls.append(1)
+        torch.ones(4, 8) @ torch.ones(8, 16)
+
+    for warmup, expected_calls in ((2, 2 + 3), (0, 1 + 3)):  # warmup=0: the counted call comes on top
+        calls.clear()
+        row = bench.measure("matmul", "calls/s", 1, matmul, torch.device("cpu"), warmup, repeats=3, flops=True)
+        assert len(calls) == expected_calls and row.gflop * 1e9 == 2 * 4 * 8 * 16, (warmup, len(calls))

@@ -3,8 +3,8 @@
 Every row is measured side by side in this one process, on the same inputs, after warm-up,
 and reported as the median of repeated timings, so two commits (or two machines) compare by
 their JSON files. Rows: the stage-C tokenizer step of each method (two_stage, joint, wartok at
-refresh_every 1, 4, 16, timed over whole refresh cycles, and with a sub-batch for its AR passes)
-with its ratio to two_stage, wartok's extra cost split into the two AR forward passes and one
+refresh_every 1, 4, 8 or those --refresh-every names, timed over whole refresh cycles, and with
+a sub-batch for its AR passes) with its ratio to two_stage, wartok's extra cost split into the two AR forward passes and one
 tracker refresh, the prior train step, sampling with and without the KV cache and with the
 static cache (a CUDA graph on GPUs, the same static-shape code eagerly on CPUs), Inception
 feature extraction, with `--compile` the compiled steps, and with `--scaling` the step times
@@ -91,10 +91,13 @@ def _peak_mem_mb(device: torch.device) -> float:
 def measure(name: str, unit: str, per_call: float, fn: Callable[[], None], device: torch.device,
             warmup: int, repeats: int, flops: bool = False) -> Row:
     """Median wall time of fn() over `repeats` calls after `warmup` calls; with flops=True
-    also the achieved TFLOP/s (one extra, uncounted-in-time call under the FLOP counter)."""
+    also the achieved TFLOP/s, counted on the first warm-up call (its time is never used, and
+    the counter still runs every kernel, so it warms up as well; with warmup=0 it is one extra
+    call before the timed ones)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
+    counted = count_flops(fn) if flops else None
+    for _ in range(warmup - 1 if flops else warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -105,8 +108,8 @@ def measure(name: str, unit: str, per_call: float, fn: Callable[[], None], devic
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     row = Row(name, unit, median, per_call / median, _peak_mem_mb(device))
-    if flops:
-        row.gflop = count_flops(fn) / 1e9
+    if counted is not None:
+        row.gflop = counted / 1e9
         row.tflops = row.gflop / median / 1e3
     return row
 
@@ -216,7 +219,7 @@ def method_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
                     method_step("two_stage", tokenizer, target, B, device, args.precision), device, w, r, flops=True),
             measure(f"stage C step joint {tag}", "steps/s", 1,
                     method_step("joint", tokenizer, target, B, device, args.precision), device, w, r, flops=True)]
-    for every in (1, 4, 16):
+    for every in args.refresh_every:
         rows.append(measure_cycle(f"stage C step wartok refresh_every={every} {tag}", every,
                                   method_step("wartok", tokenizer, target, B, device, args.precision, every),
                                   device, w, r))
@@ -337,6 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="GPT preset (default: small on CPUs, base on GPUs)")
     parser.add_argument("--batch", type=int, default=64, help="tokenizer batch size")
     parser.add_argument("--prior-batch", type=int, default=128)
+    parser.add_argument("--refresh-every", type=int, nargs="+", default=[1, 4, 8],
+                        help="the tracker refresh rates of wartok's step rows, each timed over whole cycles "
+                             "(the tracker_refresh sweep covers 1 2 4 8 16)")
     parser.add_argument("--sub-batch", type=int, default=16, help="also time wartok with its AR passes on N images (0: skip)")
     parser.add_argument("--fid-images", type=int, default=128, help="images for the Inception row (0: skip)")
     parser.add_argument("--samples", type=int, default=16, help="sequences sampled per call")
@@ -354,6 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           ("sub_batch", 0), ("fid_images", 0)):
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; it must be >= {minimum}")
+    if min(args.refresh_every) < 1:
+        parser.error(f"--refresh-every={' '.join(map(str, args.refresh_every))} is not allowed; each must be >= 1")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops={args.peak_tflops} is not allowed; it must be > 0")
     if args.fid_images:  # the Inception row comes last: a missing file must not cost the other rows
