@@ -4,14 +4,15 @@ Every row is measured side by side in this one process, on the same inputs, afte
 and reported as the median of repeated timings, so two commits (or two machines) compare by
 their JSON files. Rows: the stage-C tokenizer step of each method (two_stage, joint, wartok at
 refresh_every 1, 4, 8 or those --refresh-every names, timed over whole refresh cycles, and with
-a sub-batch for its AR passes) with its ratio to two_stage, wartok's extra cost split into the two AR forward passes and one
-tracker refresh, the prior train step, sampling with and without the KV cache and with the
-static cache (a CUDA graph on GPUs, the same static-shape code eagerly on CPUs), Inception
-feature extraction, with `--compile` the compiled steps, and with `--scaling` the step times
-against codebook size K, sequence length T and batch size. Training rows also report their
-FLOPs per call and the achieved TFLOP/s (counted with torch.utils.flop_counter) and, on a GPU
-whose bf16 dense peak is known (or --peak-tflops), the model FLOPs utilisation (MFU). Peak
-memory is the CUDA allocator's peak on GPUs and the process's peak RSS on CPUs.
+a sub-batch for its AR passes) with its ratio to two_stage, wartok's extra cost split into the
+two AR forward passes and one tracker refresh, the prior train step, sampling with and
+without the KV cache and with the static cache (a CUDA graph on GPUs, the same static-shape
+code eagerly on CPUs), Inception feature extraction, with `--compile` the compiled steps, and
+with `--scaling` the step times against codebook size K, sequence length T and batch size.
+Training rows also report their FLOPs per call and the achieved TFLOP/s (counted with
+torch.utils.flop_counter) and, on a GPU whose bf16 dense peak is known (or --peak-tflops), the
+model FLOPs utilisation (MFU). Peak memory is the CUDA allocator's peak on GPUs and the
+process's peak RSS on CPUs.
 """
 from __future__ import annotations
 
