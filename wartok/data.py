@@ -292,13 +292,18 @@ def _load_imagefolder(cfg: DataConfig, src: _Source):
     return train, val, len(train.classes)
 
 
+def subset_order(total: int) -> torch.Tensor:
+    """The fixed permutation of range(total) that every subset of a split is a prefix of: the data
+    subsets here and the metrics' image selections (rfid_samples=N picks what heldout_subset=N would)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))
+
+
 def _subset(ds: Dataset, n: int, setting: str) -> Dataset:
     if n == 0:
         return ds
     if n > len(ds):
         raise ConfigError(f"{setting}={n} is not allowed; the split holds only {len(ds)} images")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SUBSET_SEED))
-    return Subset(ds, order[:n].tolist())
+    return Subset(ds, subset_order(len(ds))[:n].tolist())
 
 
 def _loader(ds: Dataset, batch_size: int, cfg: DataConfig, device_type: str, train: bool, seed: int) -> DataLoader:

@@ -39,7 +39,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from wartok import weights
-from wartok.data import SUBSET_SEED
+from wartok.data import subset_order
 from wartok.fid_features import INCEPTION, Extractor, extract_features, load_extractor
 from wartok.fid_reference import (ImagesOrLoader, Reference, ReferenceKey, feature_statistics, npz_kid_key,
                                   reference_statistics)
@@ -118,13 +118,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def subset_indices(total: int, count: int) -> list[int]:
-    """The first ``count`` indices (0 = all, in order) of a permutation fixed by wartok.data.SUBSET_SEED
-    (so rfid_samples=N picks what data.heldout_subset=N would)."""
+    """The first ``count`` indices (0 = all, in order) of ``wartok.data.subset_order``, so
+    rfid_samples=N picks what data.heldout_subset=N would."""
     if count == 0 or count >= total:
         if count > total:
             raise ValueError(f"asked for {count} images, the split holds {total}")
         return list(range(total))
-    return torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:count].tolist()
+    return subset_order(total)[:count].tolist()
 
 
 def dataset_uint8(dataset: Dataset, count: int = 0, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
